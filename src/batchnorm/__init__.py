@@ -1,0 +1,21 @@
+"""batchnorm: the reference Batch Normalization in pure NumPy.
+
+The kernels (``forward_train``, ``forward_eval``, ``backward``) hold all the math; the
+``BatchNorm`` layer keeps parameters and running statistics; ``precise_bn`` recomputes
+population statistics after training. Submodules ``gradcheck`` and ``fold`` hold the gradient
+checks and the folding of BatchNorm into a preceding linear or conv layer.
+"""
+
+from batchnorm import gradcheck
+from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormCache",
+    "__version__",
+    "backward",
+    "forward_eval",
+    "forward_train",
+    "gradcheck",
+]
