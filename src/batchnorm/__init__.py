@@ -6,15 +6,18 @@ population statistics after training. Submodules ``gradcheck`` and ``fold`` hold
 checks and the folding of BatchNorm into a preceding linear or conv layer.
 """
 
-from batchnorm import gradcheck
+from batchnorm import fold, gradcheck
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
+from batchnorm.layer import BatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "BatchNormCache",
     "__version__",
     "backward",
+    "fold",
     "forward_eval",
     "forward_train",
     "gradcheck",

@@ -45,10 +45,7 @@ def channel_axis(shape: tuple[int, ...], axis: Any, name: str = "x") -> int:
             f"{name} must have at least 2 dimensions, (N, C) or (N, C, *spatial); got shape "
             f"{shape} ({len(shape)}-d). For a single sample add a batch axis, e.g. x[None]."
         )
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(
-            f"axis must be an int (1 for (N, C, ...), -1 for channels-last); got {axis!r}."
-        )
+    axis = axis_value(axis)
     ndim = len(shape)
     if not -ndim <= int(axis) < ndim:
         raise ValueError(
@@ -56,6 +53,15 @@ def channel_axis(shape: tuple[int, ...], axis: Any, name: str = "x") -> int:
             f"expected an int in [{-ndim}, {ndim - 1}] (1 for (N, C, ...), -1 for channels-last)."
         )
     return int(axis) % ndim
+
+
+def axis_value(axis: Any) -> int:
+    """Check that axis is an int (not a bool) and return it."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"axis must be an int (1 for (N, C, ...), -1 for channels-last); got {axis!r}."
+        )
+    return int(axis)
 
 
 def eps_value(eps: Any) -> float:
@@ -157,3 +163,156 @@ def _channel_list(indices: NDArray[np.intp], limit: int = 10) -> str:
     shown = ", ".join(str(int(i)) for i in indices[:limit])
     more = f" (and {indices.size - limit} more)" if indices.size > limit else ""
     return f"[{shown}]{more}"
+
+
+# --- the BatchNorm layer ---------------------------------------------------------------------
+
+
+def num_features(value: Any) -> int:
+    """Check the layer's channel count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            f"num_features must be a positive int, the number of channels C; got {value!r}."
+        )
+    return int(value)
+
+
+def momentum_value(value: Any) -> float | None:
+    """Check momentum: a float in [0, 1] (weight of the old running value) or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"momentum must be a float in [0, 1] or None; got {value!r}.")
+    m = float(value)
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] or None; got {value!r}. Here momentum is the weight of "
+            "the OLD running value (running = momentum * running + (1 - momentum) * batch), so "
+            "PyTorch's momentum=0.1 is momentum=0.9 here; None keeps a cumulative average."
+        )
+    return m
+
+
+def flag(value: Any, name: str) -> bool:
+    """Check a boolean option."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False; got {value!r}.")
+    return bool(value)
+
+
+def layer_input(x: Any, num_channels: int, axis: int) -> NDArray[np.floating[Any]]:
+    """Check a layer's input: float dtype, rank >= 2, and num_channels on the channel axis."""
+    arr = float_array(x)
+    ax = channel_axis(arr.shape, axis)
+    if arr.shape[ax] != num_channels:
+        raise ValueError(
+            f"BatchNorm({num_channels}) expects {num_channels} channels on axis {axis}; got "
+            f"input of shape {arr.shape} with {arr.shape[ax]} there. Check num_features, or "
+            "pass axis=-1 for channels-last data."
+        )
+    return arr
+
+
+def finite_statistics(mean: NDArray[np.float64], var: NDArray[np.float64]) -> None:
+    """Refuse batch statistics that are NaN or inf before they reach the running statistics."""
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    if bad.size:
+        raise FloatingPointError(
+            f"the batch statistics of channels {_channel_list(bad)} are not finite (NaN or inf "
+            "in x, or a variance that overflowed); the running statistics were left unchanged. "
+            "Check the input and the preceding layers (a diverging learning rate is a common "
+            "cause); in float32, values above ~1e19 overflow the variance: use float64."
+        )
+
+
+def backward_before_forward() -> RuntimeError:
+    """The error for BatchNorm.backward called with no forward pass to differentiate."""
+    return RuntimeError(
+        "backward() was called before forward(): there is no cached forward pass. "
+        "Call y = layer(x) first, then dx = layer.backward(dy)."
+    )
+
+
+STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
+    """Check the keys of a state dict against the ones this layer has."""
+    if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
+        raise TypeError(
+            f"state must be a mapping such as the dict from state_dict(); got "
+            f"{type(state).__name__}."
+        )
+    given = set(state.keys())
+    missing = [k for k in expected if k not in given]
+    unexpected = sorted(str(k) for k in given - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"state does not match this layer: missing keys {missing}, unexpected keys "
+            f"{unexpected}; expected exactly {list(expected)}. Use strict=False to load the "
+            "matching keys only (affine=False has no weight/bias, track_running_stats=False "
+            "has no running statistics)."
+        )
+
+
+def state_vector(value: Any, key: str, num_channels: int) -> NDArray[np.float64]:
+    """Check one per-channel entry of a state dict and return a float64 copy."""
+    try:
+        arr = np.asarray(value)
+    except Exception as err:  # e.g. a tensor that requires grad
+        raise TypeError(
+            f"state[{key!r}] could not be converted to a NumPy array ({err}). Convert tensors "
+            "first: {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}."
+        ) from err
+    return per_channel(arr, f"state[{key!r}]", num_channels, nonnegative=key == "running_var")
+
+
+def state_counter(value: Any) -> int:
+    """Check num_batches_tracked: a non-negative integer (0-d or a size-1 array)."""
+    try:
+        arr = np.asarray(value)
+    except Exception as err:
+        raise TypeError(f"state['num_batches_tracked'] is not array-like ({err}).") from err
+    if arr.size != 1 or arr.dtype.kind not in "iu" or int(arr.reshape(())) < 0:
+        raise ValueError(
+            "state['num_batches_tracked'] must be one non-negative integer; got "
+            f"{arr.dtype} array of shape {arr.shape}."
+        )
+    return int(arr.reshape(()))
+
+
+def saved_file(path: Any, problem: str) -> ValueError:
+    """The error for a file that BatchNorm.load cannot trust."""
+    return ValueError(
+        f"{path} is not a valid BatchNorm file: {problem}. BatchNorm.load reads only .npz "
+        "files written by BatchNorm.save (never pickled objects)."
+    )
+
+
+# --- folding -----------------------------------------------------------------------------------
+
+
+def foldable(training: bool, track_running_stats: bool) -> None:
+    """Only an eval-mode layer with running statistics is a fixed affine map that can be folded."""
+    if training:
+        raise ValueError(
+            "cannot fold a BatchNorm in training mode: it normalizes with each batch's own "
+            "statistics, which no fixed weights reproduce. Call layer.eval() first."
+        )
+    if not track_running_stats:
+        raise ValueError(
+            "cannot fold a BatchNorm with track_running_stats=False: it always uses batch "
+            "statistics and has no running statistics to fold."
+        )
+
+
+def fold_weight(weight: Any, bias: Any, num_channels: int) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Check the weight (C_out, ...) and optional bias (C_out,) of the layer before a BatchNorm."""
+    w = float_array(weight, "weight")
+    if w.ndim < 2 or w.shape[0] != num_channels:
+        raise ValueError(
+            f"weight must have shape (out_features, in_features) or (C_out, C_in, kh, kw) with "
+            f"{num_channels} outputs, one per BatchNorm channel; got shape {w.shape}."
+        )
+    b = np.zeros(num_channels) if bias is None else per_channel(bias, "bias", num_channels)
+    return w, b
