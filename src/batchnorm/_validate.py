@@ -131,6 +131,17 @@ def training_batch(shape: tuple[int, ...], axis: int) -> int:
     return count
 
 
+def statistics_batch(shape: tuple[int, ...], axis: int) -> int:
+    """Check that a batch has at least one value per channel; return that count."""
+    count = eval_batch(shape, axis)
+    if count == 0:
+        raise ValueError(
+            f"x holds no values per channel (shape {shape}); statistics of an empty batch "
+            "are undefined. Skip empty batches."
+        )
+    return count
+
+
 def eval_batch(shape: tuple[int, ...], axis: int) -> int:
     """Return the number of values per channel of an eval-mode input (may be 0)."""
     if shape[axis] == 0:

@@ -26,7 +26,14 @@ from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _validate
 
-__all__ = ["BatchNormCache", "backward", "forward_eval", "forward_train"]
+__all__ = [
+    "BatchNormCache",
+    "backward",
+    "forward_eval",
+    "forward_train",
+    "merge_moments",
+    "moments",
+]
 
 Array = NDArray[np.floating[Any]]
 Vector = NDArray[np.float64]
@@ -160,13 +167,8 @@ def forward_train(
     cdt = _validate.COMPUTE_DTYPES[xa.dtype]
     x3 = _as_pcs(xa, ax)
 
-    # Shift by a first estimate of the mean so that the sums below see small, centred values;
-    # the exact remainder `resid` then corrects both the mean and the variance.
-    shift = (_channel_sum(x3, cdt) / count).astype(cdt)
-    data = np.subtract(x3, shift[:, None], dtype=cdt)
-    resid = _channel_sum(data, cdt) / count
-    var = np.maximum(_channel_dot(data, data) / count - resid * resid, 0.0)
-    mean = shift.astype(np.float64) + resid
+    data, shift, resid, var = _shifted_moments(x3, cdt, count)
+    mean = shift + resid
     invstd = 1.0 / np.sqrt(var + eps_f)
 
     scale = invstd if g is None else g * invstd
@@ -185,7 +187,7 @@ def forward_train(
         gamma=g,
         has_beta=b is not None,
         _data=data,
-        _shift=shift.astype(np.float64),
+        _shift=shift,
     )
     return y, cache
 
@@ -338,7 +340,75 @@ def backward(dy: ArrayLike, cache: BatchNormCache) -> tuple[Array, Vector | None
     return dx.astype(cache.dtype, copy=False).reshape(cache.shape), dgamma, dbeta
 
 
+def moments(x: ArrayLike, *, axis: int = 1) -> tuple[Vector, Vector, int]:
+    """Per-channel mean, biased variance and count of x, as :func:`forward_train` computes them.
+
+    Parameters
+    ----------
+    x : array_like of shape (N, C, *spatial), float
+        At least one value per channel (one value gives variance 0).
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    mean, var : ndarray of shape (C,), float64
+        ``var`` is biased: ``sum((x - mean)**2) / m``.
+    count : int
+        m, the number of values per channel.
+    """
+    xa = _validate.float_array(x)
+    ax = _validate.channel_axis(xa.shape, axis)
+    count = _validate.statistics_batch(xa.shape, ax)
+    cdt = _validate.COMPUTE_DTYPES[xa.dtype]
+    _, shift, resid, var = _shifted_moments(_as_pcs(xa, ax), cdt, count)
+    return shift + resid, var, count
+
+
+def merge_moments(
+    mean_a: Vector, var_a: Vector, count_a: int, mean_b: Vector, var_b: Vector, count_b: int
+) -> tuple[Vector, Vector, int]:
+    """Mean, biased variance and count of the union of two sets, from theirs (Chan et al.).
+
+    ``var = (count_a * var_a + count_b * var_b + delta**2 * count_a * count_b / n) / n`` with
+    ``delta = mean_b - mean_a`` and ``n = count_a + count_b``: the within-set variances plus the
+    spread of the set means. Exact (up to rounding) whatever the split, unlike an average of
+    per-batch variances. Reference: T. F. Chan, G. H. Golub and R. J. LeVeque, "Updating
+    formulae and a pairwise algorithm for computing sample variances", 1979.
+    """
+    total = count_a + count_b
+    if count_b == 0:
+        return mean_a.copy(), var_a.copy(), count_a
+    if count_a == 0:
+        return mean_b.copy(), var_b.copy(), count_b
+    delta = mean_b - mean_a
+    weight_b = count_b / total
+    mean = mean_a + delta * weight_b
+    var = (
+        var_a * (count_a / total) + var_b * weight_b + delta * delta * (count_a * weight_b / total)
+    )
+    return mean, var, total
+
+
 # --- helpers: (N, C, *) <-> (P, C, S) views and per-channel reductions -------------------------
+
+
+def _shifted_moments(
+    x3: Array, cdt: np.dtype[Any], count: int
+) -> tuple[Array, Vector, Vector, Vector]:
+    """Centre x3 (P, C, S) by a first mean estimate; return (data, shift, resid, var).
+
+    ``data = x3 - shift`` in the compute dtype, with ``shift`` (float64, exactly representable in
+    cdt) a first estimate of the mean; ``resid`` is the exact remainder, so the mean is
+    ``shift + resid``, and ``var`` the biased variance. Summing small centred values and
+    correcting by the remainder (Chan, Golub and LeVeque's two-pass algorithm) avoids the
+    cancellation of the one-pass E[x^2] - E[x]^2.
+    """
+    shift = (_channel_sum(x3, cdt) / count).astype(cdt)
+    data = np.subtract(x3, shift[:, None], dtype=cdt)
+    resid = _channel_sum(data, cdt) / count
+    var = np.maximum(_channel_dot(data, data) / count - resid * resid, 0.0)
+    return data, shift.astype(np.float64), resid, var
 
 
 def _as_pcs(x: Array, axis: int) -> Array:
