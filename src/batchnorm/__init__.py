@@ -9,16 +9,19 @@ checks and the folding of BatchNorm into a preceding linear or conv layer.
 from batchnorm import fold, gradcheck
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
+from batchnorm.precise import PopulationStats, precise_bn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "BatchNormCache",
+    "PopulationStats",
     "__version__",
     "backward",
     "fold",
     "forward_eval",
     "forward_train",
     "gradcheck",
+    "precise_bn",
 ]

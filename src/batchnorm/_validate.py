@@ -217,9 +217,9 @@ def layer_input(x: Any, num_channels: int, axis: int) -> NDArray[np.floating[Any
     ax = channel_axis(arr.shape, axis)
     if arr.shape[ax] != num_channels:
         raise ValueError(
-            f"BatchNorm({num_channels}) expects {num_channels} channels on axis {axis}; got "
-            f"input of shape {arr.shape} with {arr.shape[ax]} there. Check num_features, or "
-            "pass axis=-1 for channels-last data."
+            f"expected {num_channels} channels (num_features) on axis {axis}; got input of "
+            f"shape {arr.shape} with {arr.shape[ax]} there. Check num_features, or pass "
+            "axis=-1 for channels-last data."
         )
     return arr
 
@@ -327,3 +327,88 @@ def fold_weight(weight: Any, bias: Any, num_channels: int) -> tuple[NDArray[Any]
         )
     b = np.zeros(num_channels) if bias is None else per_channel(bias, "bias", num_channels)
     return w, b
+
+
+# --- PreciseBN ---------------------------------------------------------------------------------
+
+
+def value_count(count: Any) -> int:
+    """Check the number of values per channel behind a set of moments."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"count must be a non-negative int (values per channel); got {count!r}.")
+    return int(count)
+
+
+def positive_count(value: Any, name: str) -> int:
+    """Check a positive integer option such as num_batches_precise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    return int(value)
+
+
+def same_population(num_channels: int, other: Any) -> None:
+    """Check that PopulationStats.merge received a PopulationStats of the same width."""
+    width = getattr(other, "num_features", None)
+    if type(other).__name__ != "PopulationStats" or width != num_channels:
+        raise ValueError(
+            f"merge needs another PopulationStats({num_channels}); got {other!r}. Statistics "
+            "of different channel counts cannot be pooled."
+        )
+
+
+def population_count(count: int, needed: int) -> None:
+    """Check that enough values were seen for a mean (1) or an unbiased variance (2)."""
+    if count < needed:
+        what = "a mean" if needed == 1 else "an unbiased variance"
+        raise ValueError(
+            f"{what} needs at least {needed} value(s) per channel; this PopulationStats has seen "
+            f"{count}. Call update(x) with data first (var(unbiased=False) needs one value)."
+        )
+
+
+def precise_mode(mode: Any, modes: tuple[str, ...]) -> None:
+    """Check precise_bn's mode."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {list(modes)}; got {mode!r}.")
+
+
+def layer_list(layers: Any, expected: type) -> list[Any]:
+    """Check that `layers` is an iterable of BatchNorm layers and return it as a list."""
+    if isinstance(layers, expected):
+        raise TypeError("layers must be an iterable of BatchNorm layers: wrap one in a list.")
+    items = list(layers)
+    for i, item in enumerate(items):
+        if not isinstance(item, expected):
+            raise TypeError(f"layers[{i}] is a {type(item).__name__}, not a BatchNorm layer.")
+    return items
+
+
+def has_running_stats(track_running_stats: bool, name: str) -> None:
+    """PreciseBN recomputes running statistics: the layer must keep them."""
+    if not track_running_stats:
+        raise ValueError(
+            f"{name} has track_running_stats=False: it keeps no running statistics for "
+            "precise_bn to recompute (it always normalizes with batch statistics)."
+        )
+
+
+def no_layers_found() -> ValueError:
+    return ValueError(
+        "precise_bn found no BatchNorm layer with running statistics to recompute. Pass "
+        "layers=[...] explicitly, or keep the layers in attributes, lists, tuples or dicts of "
+        "the model so they can be found."
+    )
+
+
+def no_batches() -> ValueError:
+    return ValueError(
+        "precise_bn received no batches: `batches` was empty (or an exhausted iterator). "
+        "Nothing was changed. Pass an iterable that yields at least one batch."
+    )
+
+
+def layers_not_called(names: list[str]) -> ValueError:
+    return ValueError(
+        f"none of the chosen BatchNorm layers ({', '.join(names)}) was called by model(batch); "
+        "nothing was changed. Check that model(batch) runs these layers."
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -126,6 +126,9 @@ class BatchNorm:
         self.dbeta: NDArray[np.float64] | None = None
         self.training = True
         self._cache: BatchNormCache | None = None
+        # Called with the cache of every training-mode forward, after its statistics passed the
+        # finiteness check: how precise_bn sees each call's batch statistics.
+        self._observers: list[Callable[[BatchNormCache], None]] = []
 
     # --- forward and backward ------------------------------------------------------------------
 
@@ -152,6 +155,8 @@ class BatchNorm:
             y, cache = forward_train(xa, self.gamma, self.beta, eps=self.eps, axis=self.axis)
             if self.training:
                 _validate.finite_statistics(cache.mean, cache.var)
+                for observe in self._observers:
+                    observe(cache)
                 if self.track_running_stats:
                     self._record(cache)
         else:
