@@ -118,7 +118,7 @@ class Linear(_Weighted):
 
     def forward(self, x: Array) -> Array:
         self._x = x
-        y = x @ self.weight.T
+        y: Array = x @ self.weight.T
         return y if self.bias is None else y + self.bias
 
     def backward(self, dy: Array) -> Array:
@@ -159,10 +159,11 @@ class Conv2d(_Weighted):
         # One matmul: rows are output pixels, columns are (C, kh, kw) patch entries.
         self._cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1)
         self._xp_shape, self._win_shape = xp.shape, win.shape
-        y = self._cols @ self.weight.reshape(len(self.weight), -1).T
+        y: Array = self._cols @ self.weight.reshape(len(self.weight), -1).T
         if self.bias is not None:
             y += self.bias
-        return y.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
+        out: Array = y.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
+        return out
 
     def backward(self, dy: Array) -> Array:
         o = dy.shape[1]
@@ -208,7 +209,8 @@ class AvgPool2d(_Pool2d):
     def forward(self, x: Array) -> Array:
         win = _windows(x, self.kernel, self.stride)
         self._x_shape, self._win_shape = x.shape, win.shape
-        return win.mean(axis=(-2, -1))
+        y: Array = win.mean(axis=(-2, -1))
+        return y
 
     def backward(self, dy: Array) -> Array:
         share = dy / (self.kernel[0] * self.kernel[1])
@@ -333,11 +335,9 @@ class SGD:
         for param, grad in pairs:
             g = grad + self.weight_decay * param if self.weight_decay else grad
             if self.momentum:
-                entry = self._velocity.get(id(param))
-                if entry is None:
-                    entry = (param, np.zeros_like(param))
-                    self._velocity[id(param)] = entry
-                v = entry[1]
+                if id(param) not in self._velocity:
+                    self._velocity[id(param)] = (param, np.zeros_like(param))
+                v = self._velocity[id(param)][1]
                 v *= self.momentum
                 v += g
                 g = v
