@@ -301,6 +301,15 @@ def backward(dy: ArrayLike, cache: BatchNormCache) -> tuple[Array, Vector | None
     The training formula includes the paths through the batch mean and variance; see
     docs/math.md for the derivation. It is evaluated as ``dx = a * dy + b * x' + c`` with
     per-channel a, b, c, where x' is the cached centred input.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    >>> y, cache = bn.forward_train(x, gamma=np.ones(2), beta=np.zeros(2))
+    >>> dx, dgamma, dbeta = bn.backward(np.ones_like(y), cache)
+    >>> dbeta, bool(np.abs(dx).max() < 1e-12)    # a constant dy does not change y: dx is 0
+    (array([3., 3.]), True)
     """
     _validate.cache_type(cache, BatchNormCache)
     dya = _validate.upstream_gradient(dy, cache.shape)
