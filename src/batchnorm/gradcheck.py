@@ -246,7 +246,8 @@ def check_kernels(
     Returns
     -------
     KernelReport
-        Errors are :func:`relative_error` of y, dx, dgamma and dbeta per case.
+        Errors are :func:`relative_error` of y, dx, dgamma and dbeta per case; inf where your
+        kernel returned None or an array of the wrong shape.
     """
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     rng = np.random.default_rng(seed)
@@ -270,9 +271,16 @@ def check_kernels(
             grads_ref = backward(dy.astype(np.float64), cache_ref)
             y, cache = forward(x, gamma, beta, *stats, eps=eps, axis=axis)
             grads = backward_fn(dy, cache)
-            errors = {"y": relative_error(y, y_ref)}
+            errors = {"y": _error_or_inf(y, y_ref)}
             for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, grads_ref, strict=True):
                 if want is not None:
-                    errors[name] = relative_error(got, want)
+                    errors[name] = _error_or_inf(got, want)
             report.cases.append(KernelCase(tuple(shape), dt.name, errors, tol[dt.name]))
     return report
+
+
+def _error_or_inf(got: Any, want: NDArray[Any]) -> float:
+    """relative_error, or inf when a user kernel returned None or an array of another shape."""
+    if got is None or np.shape(got) != want.shape:
+        return float("inf")
+    return relative_error(got, want)
