@@ -22,8 +22,9 @@ from batchnorm.functional import BatchNormCache, backward, forward_eval, forward
 __all__ = ["BatchNorm", "LoadResult"]
 
 _FORMAT = "batchnorm.BatchNorm/1"
-# A saved layer holds a few (C,) vectors; anything far larger is not one of our files.
-_MAX_SAVED_VALUES = 1 << 26
+# A saved layer holds a few (C,) vectors; a member declaring more bytes than this (16M float64
+# channels) is not one of our files, and is refused before anything is allocated for it.
+_MAX_MEMBER_BYTES = 1 << 27
 
 
 class LoadResult(NamedTuple):
@@ -329,8 +330,15 @@ class BatchNorm:
             raise _validate.saved_file(path, f"its 'format' entry is not {_FORMAT!r}")
         try:
             momentum = float(arrays["config_momentum"])
+            num_features = _scalar(arrays["config_num_features"])
+            for key in _validate.STATE_KEYS[:4]:
+                # Check the width against the saved vectors before allocating any state.
+                if key in arrays and arrays[key].shape != (num_features,):
+                    raise ValueError(
+                        f"{key} has shape {arrays[key].shape} but num_features is {num_features}"
+                    )
             layer = cls(
-                _scalar(arrays["config_num_features"]),
+                num_features,
                 eps=float(arrays["config_eps"]),
                 momentum=None if math.isnan(momentum) else momentum,
                 affine=bool(_scalar(arrays["config_affine"])),
@@ -383,8 +391,11 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
                     shape, _, dtype = read_header(member)
                 if dtype.hasobject:
                     raise ValueError(f"{info.filename!r} holds Python objects")
-                if math.prod(shape) > _MAX_SAVED_VALUES:
-                    raise ValueError(f"{info.filename!r} declares an array of shape {shape}")
+                if math.prod(shape) * dtype.itemsize > _MAX_MEMBER_BYTES:
+                    raise ValueError(
+                        f"{info.filename!r} declares a {dtype} array of shape {shape}, "
+                        "far larger than any saved layer"
+                    )
                 with archive.open(info) as member:
                     arrays[info.filename[:-4]] = np.lib.format.read_array(
                         member, allow_pickle=False
