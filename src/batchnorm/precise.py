@@ -107,6 +107,7 @@ class PopulationStats:
 
         ``unbiased=True`` divides the sum of squared deviations by count - 1, False by count.
         """
+        unbiased = _validate.flag(unbiased, "unbiased")
         _validate.population_count(self.count, 2 if unbiased else 1)
         scale = self.count / (self.count - 1) if unbiased else 1.0
         result: NDArray[np.float64] = self._var * scale
@@ -167,6 +168,9 @@ def precise_bn(
         layer switching to eval mode with its new statistics, so every layer's statistics
         describe the inputs it receives at inference. One pass per layer.
 
+        BatchNorm layers left out of ``layers`` keep their mode during the pass and are
+        restored afterwards (when reachable from ``model`` as above).
+
     Returns
     -------
     list of LayerSummary
@@ -208,7 +212,13 @@ def precise_bn(
     _validate.precise_mode(mode, MODES)
     named = _find_layers(model) if layers is None else _named_layers(layers)
     bar = _progress_bar() if progress else None
-    saved = [_snapshot(layer) for _, layer in named]
+    # Every reachable BatchNorm is restored afterwards, not only the chosen ones: a layer left
+    # out of `layers` but in training mode would otherwise record the pass in its running
+    # statistics.
+    chosen = {id(layer) for _, layer in named}
+    others = [layer for _, layer in _reachable(model) if id(layer) not in chosen]
+    protected = [layer for _, layer in named] + others
+    saved = [_snapshot(layer) for layer in protected]
     try:
         if mode == "train":
             _train_all(named)
@@ -216,7 +226,7 @@ def precise_bn(
         else:
             results = _sequential(model, batches, wanted, named, bar)
     finally:
-        for (_, layer), state in zip(named, saved, strict=True):
+        for layer, state in zip(protected, saved, strict=True):
             _restore(layer, state)
     used = max(batches_used for _, _, batches_used in results.values())
     if used < wanted:
@@ -370,6 +380,14 @@ _OPAQUE = (types.ModuleType, type, types.FunctionType, types.MethodType, types.B
 
 def _find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
     """Every BatchNorm with running statistics reachable from model, depth first, each once."""
+    found = [(path, layer) for path, layer in _reachable(model) if layer.track_running_stats]
+    if not found:
+        raise _validate.no_layers_found()
+    return found
+
+
+def _reachable(model: Any) -> list[tuple[str, BatchNorm]]:
+    """Every BatchNorm reachable from model through attributes, lists, tuples and dicts."""
     found: list[tuple[str, BatchNorm]] = []
     seen: set[int] = set()
     stack: list[tuple[str, Any]] = [("model", model)]
@@ -380,8 +398,7 @@ def _find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
         seen.add(id(obj))
         children: list[tuple[str, Any]] = []
         if isinstance(obj, BatchNorm):
-            if obj.track_running_stats:
-                found.append((path, obj))
+            found.append((path, obj))
         elif isinstance(obj, dict):
             children = [(f"{path}[{key!r}]", value) for key, value in obj.items()]
         elif isinstance(obj, list | tuple):
@@ -391,8 +408,6 @@ def _find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
         # Containers and plain objects only: skip numbers, strings and arrays early.
         children = [(p, c) for p, c in children if not _is_leaf(c)]
         stack.extend(reversed(children))
-    if not found:
-        raise _validate.no_layers_found()
     return found
 
 
