@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -185,6 +187,11 @@ def num_features(value: Any) -> int:
         raise ValueError(
             f"num_features must be a positive int, the number of channels C; got {value!r}."
         )
+    if int(value) > sys.maxsize:
+        raise ValueError(
+            f"num_features={value!r} is more channels than a NumPy array can hold (at most "
+            f"{sys.maxsize}); pass the number of channels C of your data."
+        )
     return int(value)
 
 
@@ -224,15 +231,30 @@ def layer_input(x: Any, num_channels: int, axis: int) -> NDArray[np.floating[Any
     return arr
 
 
-def finite_statistics(mean: NDArray[np.float64], var: NDArray[np.float64]) -> None:
-    """Refuse batch statistics that are NaN or inf before they reach the running statistics."""
+def finite_statistics(
+    mean: NDArray[np.float64],
+    var: NDArray[np.float64],
+    unchanged: str = "the running statistics were left unchanged",
+) -> None:
+    """Refuse batch statistics that are NaN or inf before they are recorded anywhere."""
     bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
     if bad.size:
         raise FloatingPointError(
             f"the batch statistics of channels {_channel_list(bad)} are not finite (NaN or inf "
-            "in x, or a variance that overflowed); the running statistics were left unchanged. "
-            "Check the input and the preceding layers (a diverging learning rate is a common "
-            "cause); in float32, values above ~1e19 overflow the variance: use float64."
+            f"in x, or a variance that overflowed); {unchanged}. Check the input and the "
+            "preceding layers (a diverging learning rate is a common cause); values above ~1e19 "
+            "overflow the variance in float32 (use float64), above ~1e154 in float64."
+        )
+
+
+def finite_values(arr: NDArray[Any], name: str) -> None:
+    """Refuse an array holding NaN or inf where no meaningful result can come from it."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite; {int(bad.sum())} of its {arr.size} values are NaN or inf "
+            f"(the first at index {first}). Check where these values came from."
         )
 
 
@@ -283,11 +305,19 @@ def state_counter(value: Any) -> int:
     try:
         arr = np.asarray(value)
     except Exception as err:
-        raise TypeError(f"state['num_batches_tracked'] is not array-like ({err}).") from err
-    if arr.size != 1 or arr.dtype.kind not in "iu" or int(arr.reshape(())) < 0:
+        raise TypeError(
+            f"state['num_batches_tracked'] must be an int such as 3; got {type(value).__name__}, "
+            f"which NumPy cannot convert ({err})."
+        ) from err
+    # state_dict() and save() store the counter as int64: a larger value could not go back.
+    limit = int(np.iinfo(np.int64).max)
+    if arr.size != 1 or arr.dtype.kind not in "iu" or not 0 <= int(arr.reshape(())) <= limit:
+        value = (
+            f" holding {int(arr.reshape(()))}" if arr.size == 1 and arr.dtype.kind in "iu" else ""
+        )
         raise ValueError(
-            "state['num_batches_tracked'] must be one non-negative integer; got "
-            f"{arr.dtype} array of shape {arr.shape}."
+            "state['num_batches_tracked'] must be one non-negative integer, at most 2**63 - 1 "
+            f"(it is stored as int64); got {arr.dtype} array of shape {arr.shape}{value}."
         )
     return int(arr.reshape(()))
 
@@ -298,6 +328,28 @@ def saved_file(path: Any, problem: str) -> ValueError:
         f"{path} is not a valid BatchNorm file: {problem}. BatchNorm.load reads only .npz "
         "files written by BatchNorm.save (never pickled objects)."
     )
+
+
+_ENTRY_KINDS = {"f": "float", "iu": "integer", "b": "bool"}
+
+
+def saved_scalar(arrays: Mapping[str, NDArray[Any]], key: str, kinds: str) -> Any:
+    """One 0-d entry of a file written by BatchNorm.save, of the dtype kind save writes."""
+    if key not in arrays:
+        raise ValueError(f"its {key!r} entry is missing")
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind not in kinds:
+        raise ValueError(
+            f"its {key!r} entry must be a 0-d {_ENTRY_KINDS[kinds]} array; got {value.dtype} of "
+            f"shape {value.shape}"
+        )
+    return value.item()
+
+
+def saved_width(key: str, shape: tuple[int, ...], num_features: int) -> None:
+    """A saved per-channel vector must have num_features values."""
+    if shape != (num_features,):
+        raise ValueError(f"{key} has shape {shape} but num_features is {num_features}")
 
 
 # --- folding -----------------------------------------------------------------------------------
@@ -317,6 +369,15 @@ def foldable(training: bool, track_running_stats: bool) -> None:
         )
 
 
+def fold_target(layer: Any, expected: type) -> None:
+    """Check that fold_batchnorm received a BatchNorm layer."""
+    if not isinstance(layer, expected):
+        raise TypeError(
+            f"layer must be the {expected.__name__} that follows the linear or conv layer; got "
+            f"{type(layer).__name__}. Call fold_batchnorm(weight, bias, bn_layer)."
+        )
+
+
 def fold_weight(weight: Any, bias: Any, num_channels: int) -> tuple[NDArray[Any], NDArray[Any]]:
     """Check the weight (C_out, ...) and optional bias (C_out,) of the layer before a BatchNorm."""
     w = float_array(weight, "weight")
@@ -325,8 +386,22 @@ def fold_weight(weight: Any, bias: Any, num_channels: int) -> tuple[NDArray[Any]
             f"weight must have shape (out_features, in_features) or (C_out, C_in, kh, kw) with "
             f"{num_channels} outputs, one per BatchNorm channel; got shape {w.shape}."
         )
+    finite_values(w, "weight")
     b = np.zeros(num_channels) if bias is None else per_channel(bias, "bias", num_channels)
     return w, b
+
+
+def folded_range(weight: NDArray[Any], bias: NDArray[Any]) -> None:
+    """Refuse a folded weight or bias that overflowed the weight's dtype."""
+    rows = weight.reshape(weight.shape[0], -1)
+    bad = np.flatnonzero(~(np.isfinite(rows).all(axis=1) & np.isfinite(bias)))
+    if bad.size:
+        raise FloatingPointError(
+            f"the folded weight or bias of output channels {_channel_list(bad)} overflows "
+            f"{weight.dtype} (weight * gamma / sqrt(running_var + eps) is out of its range). "
+            "Fold in float64: pass weight.astype(np.float64) (and check running_var for "
+            "values near 0)."
+        )
 
 
 # --- PreciseBN ---------------------------------------------------------------------------------
@@ -376,11 +451,39 @@ def layer_list(layers: Any, expected: type) -> list[Any]:
     """Check that `layers` is an iterable of BatchNorm layers and return it as a list."""
     if isinstance(layers, expected):
         raise TypeError("layers must be an iterable of BatchNorm layers: wrap one in a list.")
-    items = list(layers)
+    try:
+        items = list(layers)
+    except TypeError as err:
+        raise TypeError(
+            f"layers must be an iterable of BatchNorm layers, such as a list; got "
+            f"{type(layers).__name__}. Pass layers=None to recompute every BatchNorm found."
+        ) from err
     for i, item in enumerate(items):
         if not isinstance(item, expected):
             raise TypeError(f"layers[{i}] is a {type(item).__name__}, not a BatchNorm layer.")
     return items
+
+
+def batch_iterable(batches: Any) -> Iterator[Any]:
+    """Check that precise_bn's `batches` can be iterated; return an iterator over it."""
+    try:
+        return iter(batches)
+    except TypeError as err:
+        raise TypeError(
+            f"batches must be an iterable of model inputs (a list, a generator, a data "
+            f"loader); got {type(batches).__name__}. For a single batch pass [batch]."
+        ) from err
+
+
+def pooled_statistics(mean: NDArray[np.float64], var: NDArray[np.float64]) -> None:
+    """Refuse pooled statistics that overflowed when two sets of moments were merged."""
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    if bad.size:
+        raise FloatingPointError(
+            f"pooling overflowed: the mean or variance of channels {_channel_list(bad)} over "
+            "all the data seen is beyond float64's range (means ~1e154 apart or more); this "
+            "PopulationStats was left unchanged. Rescale the data."
+        )
 
 
 def has_running_stats(track_running_stats: bool, name: str) -> None:
@@ -412,3 +515,26 @@ def layers_not_called(names: list[str]) -> ValueError:
         f"none of the chosen BatchNorm layers ({', '.join(names)}) was called by model(batch); "
         "nothing was changed. Check that model(batch) runs these layers."
     )
+
+
+# --- gradient checks -----------------------------------------------------------------------------
+
+
+def eval_statistics(mean: Any, var: Any) -> None:
+    """check_gradients(training=False) evaluates with given statistics: both must be given."""
+    if mean is None or var is None:
+        missing = " and ".join(name for name, v in (("mean", mean), ("var", var)) if v is None)
+        raise ValueError(
+            "check_gradients(training=False) needs mean= and var= to evaluate with; "
+            f"{missing} missing. Pass the statistics to normalize with, e.g. "
+            "mean=layer.running_mean, var=layer.running_var."
+        )
+
+
+def same_shapes(actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """relative_error compares arrays element by element: their shapes must agree."""
+    if actual != expected:
+        raise ValueError(
+            f"relative_error needs equal shapes; got {actual} and {expected}. "
+            "Compare each gradient with the numerical gradient of the same array."
+        )

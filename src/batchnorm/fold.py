@@ -47,9 +47,13 @@ def fold_batchnorm(
 
     Raises
     ------
+    TypeError
+        ``layer`` is not a BatchNorm, or weight or bias is not a real float/int array.
     ValueError
-        The layer is in training mode or keeps no running statistics, or the shapes do not
-        match.
+        The layer is in training mode or keeps no running statistics, the shapes do not
+        match, or weight or bias holds NaN or inf.
+    FloatingPointError
+        The folded weight or bias overflows weight's dtype (fold in float64 then).
 
     Examples
     --------
@@ -60,17 +64,21 @@ def fold_batchnorm(
     >>> np.round(b, 4)
     array([-1.,  1.])
     """
+    _validate.fold_target(layer, BatchNorm)
     _validate.foldable(layer.training, layer.track_running_stats)
     w, b = _validate.fold_weight(weight, bias, layer.num_features)
     assert layer.running_mean is not None and layer.running_var is not None
-    scale = 1.0 / np.sqrt(layer.running_var + layer.eps)
-    if layer.gamma is not None:
-        scale = layer.gamma * scale
-    shift = (
-        -layer.running_mean * scale
-        if layer.beta is None
-        else layer.beta - layer.running_mean * scale
-    )
-    new_weight = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype, copy=False)
-    new_bias = (b * scale + shift).astype(w.dtype, copy=False)
+    # A result beyond the range of weight's dtype becomes inf here, and is refused below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = 1.0 / np.sqrt(layer.running_var + layer.eps)
+        if layer.gamma is not None:
+            scale = layer.gamma * scale
+        shift = (
+            -layer.running_mean * scale
+            if layer.beta is None
+            else layer.beta - layer.running_mean * scale
+        )
+        new_weight = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype, copy=False)
+        new_bias = (b * scale + shift).astype(w.dtype, copy=False)
+    _validate.folded_range(new_weight, new_bias)
     return new_weight, new_bias

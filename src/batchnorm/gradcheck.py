@@ -72,7 +72,9 @@ def numerical_gradient(
     ``grad[i] = (L(x + h e_i) - L(x - h e_i)) / (2 h)`` with ``L(x) = sum(f(x) * dy)``: two
     calls of f per element of x, so keep x small.
     """
-    point = np.array(x, dtype=np.float64, copy=True)
+    # C order, so that the flat views below write through to point and grad (for a Fortran
+    # or broadcast x, reshape(-1) would be a copy and every difference 0).
+    point = np.array(x, dtype=np.float64, order="C", copy=True)
     weights = np.asarray(dy, dtype=np.float64)
     grad = np.empty_like(point)
     flat, out = point.reshape(-1), grad.reshape(-1)
@@ -95,8 +97,7 @@ def relative_error(actual: ArrayLike, expected: ArrayLike) -> float:
     """
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
-    if a.shape != e.shape:
-        raise ValueError(f"relative_error needs equal shapes; got {a.shape} and {e.shape}.")
+    _validate.same_shapes(a.shape, e.shape)
     if a.size == 0:
         return 0.0
     scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(e))))
@@ -137,10 +138,19 @@ def check_gradients(
     -------
     dict
         ``{"dx": err}``, plus ``"dgamma"`` and ``"dbeta"`` when gamma and beta are given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batchnorm.forward_train` for bad input; also ValueError when x holds NaN or
+        inf (finite differences of them mean nothing), or when ``training=False`` lacks
+        ``mean`` or ``var``.
     """
     x64 = np.asarray(_validate.float_array(x), dtype=np.float64)
-    if not training and (mean is None or var is None):
-        raise ValueError("check_gradients(training=False) needs mean= and var= to evaluate with.")
+    # Finite differences of NaN or inf say nothing about the gradient.
+    _validate.finite_values(x64, "x")
+    if not training:
+        _validate.eval_statistics(mean, var)
 
     def run(xv: ArrayLike, g: ArrayLike | None, b: ArrayLike | None) -> Any:
         if training:

@@ -6,6 +6,7 @@ state and decides which kernel to call.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zipfile
@@ -329,26 +330,27 @@ class BatchNorm:
         if arrays.get("format") is None or str(arrays["format"]) != _FORMAT:
             raise _validate.saved_file(path, f"its 'format' entry is not {_FORMAT!r}")
         try:
-            momentum = float(arrays["config_momentum"])
-            num_features = _scalar(arrays["config_num_features"])
+            # Each entry must have the dtype kind save() writes: a file is refused, never
+            # reinterpreted (a string eps, a bool axis).
+            entry = functools.partial(_validate.saved_scalar, arrays)
+            momentum = float(entry("config_momentum", "f"))
+            num_features = int(entry("config_num_features", "iu"))
             for key in _validate.STATE_KEYS[:4]:
                 # Check the width against the saved vectors before allocating any state.
-                if key in arrays and arrays[key].shape != (num_features,):
-                    raise ValueError(
-                        f"{key} has shape {arrays[key].shape} but num_features is {num_features}"
-                    )
+                if key in arrays:
+                    _validate.saved_width(key, arrays[key].shape, num_features)
             layer = cls(
                 num_features,
-                eps=float(arrays["config_eps"]),
+                eps=float(entry("config_eps", "f")),
                 momentum=None if math.isnan(momentum) else momentum,
-                affine=bool(_scalar(arrays["config_affine"])),
-                track_running_stats=bool(_scalar(arrays["config_track_running_stats"])),
-                unbiased=bool(_scalar(arrays["config_unbiased"])),
-                axis=_scalar(arrays["config_axis"]),
+                affine=bool(entry("config_affine", "b")),
+                track_running_stats=bool(entry("config_track_running_stats", "b")),
+                unbiased=bool(entry("config_unbiased", "b")),
+                axis=int(entry("config_axis", "iu")),
             )
             state = {k: v for k, v in arrays.items() if k in _validate.STATE_KEYS}
             layer.load_state_dict(state, strict=True)
-            layer.train(bool(_scalar(arrays["config_training"])))
+            layer.train(bool(entry("config_training", "b")))
         except (KeyError, TypeError, ValueError) as err:
             raise _validate.saved_file(path, str(err)) from err
         return layer
@@ -364,13 +366,6 @@ class BatchNorm:
 
 def _dtype_of(key: str) -> type[np.generic]:
     return np.int64 if key == "num_batches_tracked" else np.float64
-
-
-def _scalar(value: NDArray[Any]) -> int:
-    """A saved 0-d integer or boolean entry as an int."""
-    if value.shape != () or value.dtype.kind not in "biu":
-        raise ValueError(f"expected a 0-d integer entry, got {value.dtype} of shape {value.shape}")
-    return int(value)
 
 
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
@@ -402,6 +397,9 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
                     )
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as err:
-        raise _validate.saved_file(path, str(err) or type(err).__name__) from err
+    except Exception as err:
+        # A damaged archive fails in many ways besides BadZipFile: NotImplementedError for an
+        # unknown compression method, RuntimeError for the encryption flag, zlib.error, ...
+        # Whatever the way, the file is not one BatchNorm.save wrote.
+        raise _validate.saved_file(path, f"{type(err).__name__}: {err}") from err
     return arrays

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import itertools
 import numbers
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -66,10 +67,16 @@ class PopulationStats:
         self._var: NDArray[np.float64] = np.zeros(self.num_features)
 
     def update(self, x: ArrayLike, axis: int = 1) -> None:
-        """Add every value of x (N, C, *spatial) to its channel; an empty x adds nothing."""
+        """Add every value of x (N, C, *spatial) to its channel; an empty x adds nothing.
+
+        Raises FloatingPointError, and adds nothing, when x holds NaN or inf or a channel's
+        variance overflows.
+        """
         xa = _validate.layer_input(x, self.num_features, axis)
         if xa.size:
-            self.update_from_moments(*moments(xa, axis=axis))
+            mean, var, count = moments(xa, axis=axis)
+            _validate.finite_statistics(mean, var, "this PopulationStats was left unchanged")
+            self._merge(mean, var, count, 1)
 
     def update_from_moments(self, mean: ArrayLike, var: ArrayLike, count: int) -> None:
         """Add a batch given by its per-channel mean, *biased* variance and count m.
@@ -90,9 +97,11 @@ class PopulationStats:
     def _merge(
         self, mean: NDArray[np.float64], var: NDArray[np.float64], count: int, n: int
     ) -> None:
-        self._mean, self._var, self.count = merge_moments(
-            self._mean, self._var, self.count, mean, var, count
-        )
+        # Finite inputs can still pool to inf (means ~1e154 apart): refused, nothing changes.
+        with np.errstate(over="ignore", invalid="ignore"):
+            pooled = merge_moments(self._mean, self._var, self.count, mean, var, count)
+        _validate.pooled_statistics(pooled[0], pooled[1])
+        self._mean, self._var, self.count = pooled
         self.num_batches += n
 
     @property
@@ -178,9 +187,15 @@ def precise_bn(
 
     Raises
     ------
+    TypeError
+        ``batches`` or ``layers`` is not iterable, or ``layers`` holds something else than
+        BatchNorm layers.
     ValueError
         No batches, no BatchNorm found, or no chosen layer was called by the model. Nothing
         is changed then.
+    FloatingPointError
+        A layer saw NaN or inf (or an overflowing variance) in its input. Every layer is
+        restored as it was; so is any error raised by ``model``.
 
     Warns
     -----
@@ -208,8 +223,10 @@ def precise_bn(
     >>> bool(np.allclose(layer.running_mean, np.concatenate(data).mean(axis=0)))
     True
     """
-    wanted = _validate.positive_count(num_batches_precise, "num_batches_precise")
+    # More than sys.maxsize batches (islice's limit) means "all of them" in practice.
+    wanted = min(_validate.positive_count(num_batches_precise, "num_batches_precise"), sys.maxsize)
     _validate.precise_mode(mode, MODES)
+    batches = _validate.batch_iterable(batches)
     named = _find_layers(model) if layers is None else _named_layers(layers)
     bar = _progress_bar() if progress else None
     # Every reachable BatchNorm is restored afterwards, not only the chosen ones: a layer left
