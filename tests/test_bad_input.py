@@ -39,7 +39,6 @@ NaN and inf, decided:
 
 from __future__ import annotations
 
-import itertools
 import re
 import warnings
 from collections.abc import Callable
@@ -61,7 +60,6 @@ SHAPE = (6, C, 2)  # (N, C, L): 12 values per channel
 POISONED = 1  # the channel that NaN, inf and huge values go to
 
 # The RuntimeWarnings that functional.py still lets escape (an np.errstate there fixes them).
-KERNEL_WARNS = "functional.py lets a RuntimeWarning escape for inf or overflowing input"
 
 
 # --- outcomes -----------------------------------------------------------------------------------
@@ -918,41 +916,13 @@ TARGETS: dict[str, Target] = {
 
 KINDS = {"activation": ACTIVATION_KINDS, "vector": VECTOR_KINDS, "scalar": SCALAR_KINDS}
 
-# (target, slot, kind) that fail only because functional.py lets a RuntimeWarning escape.
-KERNEL_WARNING_CASES = {
-    *itertools.product(
-        [
-            "forward_train",
-            "moments",
-            "layer.forward[train]",
-            "PopulationStats.update",
-            "precise_bn",
-        ],
-        ["x", "batch"],
-        ["inf", "minus_inf", "huge_float64"],
-    ),
-    ("check_gradients[train]", "x", "huge_float64"),
-    *itertools.product(
-        ["backward[train]", "backward[eval]", "layer.backward[train]", "layer.backward[eval]"],
-        ["dy"],
-        ["inf", "minus_inf"],
-    ),
-}
-
 
 def _cases() -> list[Any]:
     cases = []
     for name, target in TARGETS.items():
         for slot_name, slot in target.slots.items():
             for kind in KINDS[slot.family]:
-                marks = []
-                if (name, slot_name, kind) in KERNEL_WARNING_CASES:
-                    marks.append(pytest.mark.xfail(strict=True, reason=KERNEL_WARNS))
-                cases.append(
-                    pytest.param(
-                        name, slot_name, kind, id=f"{name}-{slot_name}-{kind}", marks=marks
-                    )
-                )
+                cases.append(pytest.param(name, slot_name, kind, id=f"{name}-{slot_name}-{kind}"))
     return cases
 
 
@@ -1169,7 +1139,6 @@ def test_layer_keeps_float64_state_for_any_input_dtype(x_dtype: str) -> None:
 # --- results beyond the range of the dtype ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=KERNEL_WARNS)
 @pytest.mark.parametrize(
     ("kernel", "name"),
     [

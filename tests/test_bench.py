@@ -1,0 +1,111 @@
+"""benchmarks/bench.py: the quick smoke run works, and its textbook baseline computes BatchNorm.
+
+Speed itself is never asserted here: timings belong to the benchmark, read as ratios.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+ROW_KEYS = {
+    "shape",
+    "dtype",
+    "ours_s",
+    "textbook_s",
+    "textbook_over_ours",
+    "fwd_peak_x",
+    "bwd_peak_x",
+    "textbook_fwd_peak_x",
+    "textbook_bwd_peak_x",
+    "eval_s",
+    "muladd_s",
+    "eval_over_muladd",
+    "eval_plain_s",
+    "eval_plain_over_muladd",
+    "muladd_scalars_s",
+    "eval_over_scalars",
+    "err_ours",
+}
+TORCH_ROW_KEYS = {"torch1_s", "torchN_s", "ours_over_torch1", "ours_over_torchN", "err_torch"}
+
+
+def run_quick(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_table() -> None:
+    result = run_quick()
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for text in ("shape", "ours ms", "textbook", "tb/ours", "fwd mem", "eval/ma", "(64,16)"):
+        assert text in out, f"{text!r} missing from:\n{out}"
+    assert "geometric means over the shapes" in out
+    assert ("ours/t1" in out) == HAS_TORCH
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), ("--no-torch",)], ids=["default", "no-torch"])
+def test_quick_json_has_the_expected_keys(extra: tuple[str, ...]) -> None:
+    result = run_quick("--json", *extra)
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert set(report) == {"env", "rows", "geomean"}
+    with_torch = HAS_TORCH and not extra
+    assert (report["env"]["torch"] is not None) == with_torch
+    assert [row["shape"] for row in report["rows"]] == [[8, 4, 5, 5], [64, 16]]
+    for row in report["rows"]:
+        expected = ROW_KEYS | (TORCH_ROW_KEYS if with_torch else set())
+        assert set(row) == expected
+        assert row["dtype"] == "float32"
+        for key in expected - {"shape", "dtype"}:
+            assert row[key] > 0, (key, row[key])
+    means = set(report["geomean"])
+    assert {"textbook_over_ours", "eval_over_muladd"} <= means
+    assert ("ours_over_torch1" in means) == with_torch
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (4, 3, 5, 6)])
+def test_textbook_baseline_is_batchnorm(bench: ModuleType, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape) * 3.0 + 2.0
+    dy = rng.standard_normal(shape)
+    gamma = rng.uniform(0.5, 1.5, shape[1])
+    beta = rng.standard_normal(shape[1])
+    y_ref, cache = bn.forward_train(x, gamma, beta)
+    grads_ref = bn.backward(dy, cache)
+    y, tb_cache = bench.textbook_forward(x, gamma, beta)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(bench.textbook_backward(dy, tb_cache), grads_ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    xhat, _ = bn.forward_train(x)
+    np.testing.assert_allclose(bench.float64_reference(x), xhat, rtol=1e-10, atol=1e-12)
