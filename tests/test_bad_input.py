@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import STATE, layer_snapshot, raw
 
 import batchnorm as bn
 from batchnorm.fold import fold_batchnorm
@@ -410,44 +411,15 @@ def axis_outcome(kind: str) -> Outcome:
 # --- snapshots ----------------------------------------------------------------------------------
 
 
-def _raw(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return (value.dtype.str, value.shape, value.tobytes())
-    return value
-
-
-def layer_snapshot(layer: bn.BatchNorm) -> dict[str, Any]:
-    """Every attribute of a layer, arrays as raw bytes: equal means equal bit for bit."""
-    names = [
-        "num_features",
-        "eps",
-        "momentum",
-        "affine",
-        "track_running_stats",
-        "unbiased",
-        "axis",
-        "gamma",
-        "beta",
-        "running_mean",
-        "running_var",
-        "num_batches_tracked",
-        "training",
-        "dgamma",
-        "dbeta",
-    ]
-    return {name: _raw(getattr(layer, name)) for name in names}
-
-
 def layer_values(layer: bn.BatchNorm) -> dict[str, Any]:
     """The layer's state as values, to compare with a reference layer up to rounding."""
-    names = ["gamma", "beta", "running_mean", "running_var", "num_batches_tracked", "training"]
-    return {f"layer.{name}": getattr(layer, name) for name in names}
+    return {f"layer.{name}": getattr(layer, name) for name in STATE}
 
 
 def stats_snapshot(stats: bn.PopulationStats) -> dict[str, Any]:
     state: dict[str, Any] = {"count": stats.count, "num_batches": stats.num_batches}
     if stats.count:
-        state.update(mean=_raw(stats.mean), var=_raw(stats.var(unbiased=False)))
+        state.update(mean=raw(stats.mean), var=raw(stats.var(unbiased=False)))
     return state
 
 
@@ -487,12 +459,12 @@ class Witness:
         if previous is not None:
             layer, dy, dx, dgamma, dbeta = previous
             assert np.array_equal(layer.backward(dy), dx)
-            assert _raw(layer.dgamma) == _raw(dgamma) and _raw(layer.dbeta) == _raw(dbeta)
+            assert raw(layer.dgamma) == raw(dgamma) and raw(layer.dbeta) == raw(dbeta)
 
 
 def _frozen(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        return (_raw(value), value.flags.writeable)
+        return (raw(value), value.flags.writeable)
     if isinstance(value, list):
         return repr(value)
     if isinstance(value, bn.BatchNorm | bn.PopulationStats):

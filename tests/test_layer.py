@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import layer_snapshot as snapshot
 
 import batchnorm as bn
 from batchnorm.gradcheck import numerical_gradient, relative_error
@@ -66,33 +67,6 @@ def make_input(rng: np.random.Generator, shape: tuple[int, ...], loc: float = 3.
 def channels_shape(c: int, axis: int, n: int = 6, spatial: tuple[int, ...] = (2,)) -> tuple:
     """A (N, C, *spatial) shape, or its channels-last version for axis=-1."""
     return (n, *spatial, c) if axis == -1 else (n, c, *spatial)
-
-
-def _raw(a: np.ndarray | None) -> tuple[str, tuple[int, ...], bytes] | None:
-    return None if a is None else (a.dtype.str, a.shape, a.tobytes())
-
-
-def snapshot(layer: bn.BatchNorm) -> dict[str, Any]:
-    """Every piece of a layer's state, arrays as raw bytes so that comparison is bit for bit."""
-    return {
-        "config": (
-            layer.num_features,
-            layer.eps,
-            layer.momentum,
-            layer.affine,
-            layer.track_running_stats,
-            layer.unbiased,
-            layer.axis,
-        ),
-        "gamma": _raw(layer.gamma),
-        "beta": _raw(layer.beta),
-        "running_mean": _raw(layer.running_mean),
-        "running_var": _raw(layer.running_var),
-        "num_batches_tracked": layer.num_batches_tracked,
-        "training": layer.training,
-        "dgamma": _raw(layer.dgamma),
-        "dbeta": _raw(layer.dbeta),
-    }
 
 
 def trained_layer(c: int = 3, seed: int = 0, **options: Any) -> bn.BatchNorm:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import layer_snapshot as snapshot
 
 import batchnorm as bn
 from batchnorm.layer import LoadResult
@@ -24,34 +25,6 @@ KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _raw(a: np.ndarray | None) -> tuple[str, tuple[int, ...], bytes] | None:
-    return None if a is None else (a.dtype.str, a.shape, a.tobytes())
-
-
-def snapshot(layer: bn.BatchNorm, *, gradients: bool = True) -> dict[str, Any]:
-    """Every piece of a layer's state, arrays as raw bytes so that comparison is bit for bit."""
-    state = {
-        "config": (
-            layer.num_features,
-            layer.eps,
-            layer.momentum,
-            layer.affine,
-            layer.track_running_stats,
-            layer.unbiased,
-            layer.axis,
-        ),
-        "gamma": _raw(layer.gamma),
-        "beta": _raw(layer.beta),
-        "running_mean": _raw(layer.running_mean),
-        "running_var": _raw(layer.running_var),
-        "num_batches_tracked": layer.num_batches_tracked,
-        "training": layer.training,
-    }
-    if gradients:
-        state.update(dgamma=_raw(layer.dgamma), dbeta=_raw(layer.dbeta))
-    return state
 
 
 def trained_layer(c: int = 3, seed: int = 0, *, steps: int = 3, **options: Any) -> bn.BatchNorm:

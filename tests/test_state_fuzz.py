@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import layer_snapshot as snapshot
+from helpers import raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -48,34 +50,6 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 # --- layers, snapshots --------------------------------------------------------------------------
-
-
-def _raw(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return (value.dtype.str, value.shape, value.tobytes())
-    return value
-
-
-def snapshot(layer: bn.BatchNorm, *, gradients: bool = True) -> dict[str, Any]:
-    """Every attribute of a layer, arrays as raw bytes: equal means equal bit for bit."""
-    names = [
-        "num_features",
-        "eps",
-        "momentum",
-        "affine",
-        "track_running_stats",
-        "unbiased",
-        "axis",
-        "gamma",
-        "beta",
-        "running_mean",
-        "running_var",
-        "num_batches_tracked",
-        "training",
-    ]
-    if gradients:
-        names += ["dgamma", "dbeta"]
-    return {name: _raw(getattr(layer, name)) for name in names}
 
 
 @functools.cache  # strategies are immutable: build each once
@@ -132,7 +106,7 @@ def assert_untouched(
     assert snapshot(layer) == before
     dy, dx, dgamma, dbeta = previous
     assert np.array_equal(layer.backward(dy), dx)
-    assert _raw(layer.dgamma) == _raw(dgamma) and _raw(layer.dbeta) == _raw(dbeta)
+    assert raw(layer.dgamma) == raw(dgamma) and raw(layer.dbeta) == raw(dbeta)
 
 
 # --- valid and invalid state entries ------------------------------------------------------------
@@ -651,4 +625,4 @@ def test_valid_states_round_trip(data: st.DataObject) -> None:
     result = target.load_state_dict(source.state_dict())
     assert result.missing_keys == [] and result.unexpected_keys == []
     for attribute in ["gamma", "beta", "running_mean", "running_var", "num_batches_tracked"]:
-        assert _raw(getattr(target, attribute)) == _raw(getattr(source, attribute))
+        assert raw(getattr(target, attribute)) == raw(getattr(source, attribute))

@@ -1,0 +1,25 @@
+"""Helpers shared by the test modules (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import batchnorm as bn
+
+CONFIG = ("num_features", "eps", "momentum", "affine", "track_running_stats", "unbiased", "axis")
+STATE = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked", "training")
+
+
+def raw(value: Any) -> Any:
+    """An array as (dtype, shape, bytes), so that == means equal bit for bit; else the value."""
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def layer_snapshot(layer: bn.BatchNorm, *, gradients: bool = True) -> dict[str, Any]:
+    """Every attribute of a layer's configuration and state (and gradients), bit for bit."""
+    names = CONFIG + STATE + (("dgamma", "dbeta") if gradients else ())
+    return {name: raw(getattr(layer, name)) for name in names}
