@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -462,6 +462,8 @@ _ROW_MAX_BYTES = 1 << 20
 _MIN_ROWS = 8
 # Largest number of rows BLAS sums in the compute dtype before float64 takes over.
 _BLAS_TERMS = 256
+# Largest run of one feature map summed in the compute dtype (bounds float32 rounding growth).
+_ROW_TERMS = 4096
 # Values per channel in the leading sample that estimates the shift.
 _SHIFT_SAMPLE = 32
 # Bytes of one array per slab; arrays up to _SLAB_MIN_BYTES are done in one piece.
@@ -701,7 +703,8 @@ def _channel_sum(a: Array) -> Vector:
             cut = p - p % _BLAS_TERMS
             return _channel_sum(a[:cut]) + _channel_sum(a[cut:])
         return _fold(_ones(p // k, a.dtype) @ a.reshape(p // k, k * c), c)
-    return _fold(a.reshape(p * c, s) @ _ones(s, a.dtype), c)
+    parts = [piece @ _ones(piece.shape[-1], a.dtype) for piece in _pieces(a.reshape(p * c, s))]
+    return _fold(_add_pieces(parts, p * c), c)
 
 
 def _channel_dot(a: Array, b: Array) -> Vector:
@@ -717,7 +720,31 @@ def _channel_dot(a: Array, b: Array) -> Vector:
             return _channel_dot(a[:cut], b[:cut]) + _channel_dot(a[cut:], b[cut:])
         rows = (p // k, k * c)
         return _fold(np.einsum("rl,rl->l", a.reshape(rows), b.reshape(rows)), c)
-    return _fold(np.einsum("is,is->i", a.reshape(p * c, s), b.reshape(p * c, s)), c)
+    pieces = zip(_pieces(a.reshape(p * c, s)), _pieces(b.reshape(p * c, s)), strict=True)
+    parts = [np.einsum("...s,...s->...", u, v) for u, v in pieces]
+    return _fold(_add_pieces(parts, p * c), c)
+
+
+def _pieces(rows: Array) -> list[Array]:
+    """(n, S) rows as views of at most _ROW_TERMS terms per row: (n, k, _ROW_TERMS) and the
+    (n, S % _ROW_TERMS) rest. Summing each piece in the compute dtype and the pieces in
+    float64 makes float32 rounding grow with the piece, not with the feature map."""
+    s = rows.shape[1]
+    if s <= _ROW_TERMS:
+        return [rows]
+    cut = s - s % _ROW_TERMS
+    pieces = [rows[:, :cut].reshape(rows.shape[0], -1, _ROW_TERMS)]
+    return [*pieces, rows[:, cut:]] if cut < s else pieces
+
+
+def _add_pieces(parts: Sequence[Array], n: int) -> Array:
+    """Per-row totals of the pieces' sums, in float64 when there is more than one piece."""
+    if len(parts) == 1 and parts[0].ndim == 1:
+        return parts[0]
+    total: Array = np.add.reduce(
+        [part.reshape(n, -1).sum(axis=1, dtype=np.float64) for part in parts]
+    )
+    return total
 
 
 def _fold(partial: Array, c: int) -> Vector:
