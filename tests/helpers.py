@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,3 +27,15 @@ def layer_snapshot(layer: bn.BatchNorm, *, gradients: bool = True) -> dict[str, 
     """Every attribute of a layer's configuration and state (and gradients), bit for bit."""
     names = CONFIG + STATE + (("dgamma", "dbeta") if gradients else ())
     return {name: raw(getattr(layer, name)) for name in names}
+
+
+def examples_nn() -> ModuleType:
+    """examples/nn.py (not part of the package), loaded by path once per test session."""
+    if "examples_nn" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "examples" / "nn.py"
+        spec = importlib.util.spec_from_file_location("examples_nn", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["examples_nn"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["examples_nn"]

@@ -6,24 +6,17 @@ direct convolution (and PyTorch when installed); SGD against a hand computation.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import examples_nn
 
 import batchnorm
 from batchnorm.gradcheck import numerical_gradient, relative_error
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "nn.py"
-_spec = importlib.util.spec_from_file_location("examples_nn", _PATH)
-assert _spec is not None and _spec.loader is not None
-nn = importlib.util.module_from_spec(_spec)
-sys.modules["examples_nn"] = nn
-_spec.loader.exec_module(nn)
+nn = examples_nn()
 
 TOL = 1e-7
 

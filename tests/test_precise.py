@@ -7,28 +7,18 @@ what the running statistics must hold.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import examples_nn
 
 import batchnorm as bn
 
-# examples/nn.py is not part of the package; load it by path (once per session).
-_NN_PATH = Path(__file__).resolve().parents[1] / "examples" / "nn.py"
-if "examples_nn" in sys.modules:
-    nn = sys.modules["examples_nn"]
-else:
-    _spec = importlib.util.spec_from_file_location("examples_nn", _NN_PATH)
-    assert _spec is not None and _spec.loader is not None
-    nn = importlib.util.module_from_spec(_spec)
-    sys.modules["examples_nn"] = nn
-    _spec.loader.exec_module(nn)
+nn = examples_nn()  # examples/nn.py is not part of the package
 
 RTOL = 1e-12
 Array = np.ndarray

@@ -398,8 +398,8 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
     except FileNotFoundError:
         raise
     except Exception as err:
-        # A damaged archive fails in many ways besides BadZipFile: NotImplementedError for an
-        # unknown compression method, RuntimeError for the encryption flag, zlib.error, ...
-        # Whatever the way, the file is not one BatchNorm.save wrote.
+        # A damaged archive fails in many ways besides BadZipFile (an unknown compression
+        # method, the encryption flag, a zlib error, ...); whatever the way, the file is not
+        # one BatchNorm.save wrote.
         raise _validate.saved_file(path, f"{type(err).__name__}: {err}") from err
     return arrays
