@@ -322,6 +322,44 @@ def bench_shape(
     return row
 
 
+def precise_overhead(dtype: np.dtype[Any], rounds: int, quick: bool) -> dict[str, float]:
+    """precise_bn's time over the plain training-mode forward passes it runs.
+
+    The model is three BatchNorm layers with a ReLU after each, so that the BatchNorm work is
+    all there is: the ratio is the bookkeeping precise_bn adds (per-call PopulationStats
+    updates, saving and restoring the layers). Train mode runs one pass over the batches,
+    sequential mode one per layer."""
+    rng = np.random.default_rng(0)
+    shape = (8, 16, 8, 8) if quick else (32, 64, 14, 14)
+    batches = [rng.standard_normal(shape).astype(dtype) for _ in range(4 if quick else 20)]
+    layers = [bn.BatchNorm(shape[1]) for _ in range(3)]
+
+    def model(x: np.ndarray) -> np.ndarray:
+        for layer in layers:
+            x = np.maximum(layer(x), 0)
+        return x
+
+    def plain() -> None:
+        for batch in batches:
+            model(batch)
+
+    n = len(batches)
+    times = best_times(
+        {
+            "plain": plain,
+            "train": lambda: bn.precise_bn(model, batches, n, layers=layers),
+            "sequential": lambda: bn.precise_bn(
+                model, batches, n, layers=layers, mode="sequential"
+            ),
+        },
+        rounds,
+    )
+    return {
+        "precise_train_over_forward": times["train"] / times["plain"],
+        "precise_sequential_over_forward": times["sequential"] / (len(layers) * times["plain"]),
+    }
+
+
 def geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
 
@@ -415,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = [bench_shape(tuple(s), dtype, rounds, torch) for s in shapes]
     summary = summarize(rows)
+    precise = precise_overhead(dtype, rounds, args.quick)
     env = {
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -426,12 +465,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
     }
     if args.json:
-        json.dump({"env": env, "rows": rows, "geomean": summary}, sys.stdout, indent=2)
+        report = {"env": env, "rows": rows, "geomean": summary, "precise_bn": precise}
+        json.dump(report, sys.stdout, indent=2)
         print()
     else:
         torch_text = f", torch {env['torch']}" if torch is not None else ", torch not installed"
         print(f"numpy {env['numpy']}{torch_text}, {env['cpu_count']} cores, best of {rounds}")
         print(format_table(rows, summary))
+        print("\nprecise_bn over the plain forward passes it runs (goal <= 1.10):")
+        for key, label in (
+            ("precise_train_over_forward", "train mode (one pass)"),
+            ("precise_sequential_over_forward", "sequential mode (one pass per layer)"),
+        ):
+            print(f"  {label:<42} {precise[key]:.2f}")
     return 0
 
 

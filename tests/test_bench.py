@@ -79,7 +79,12 @@ def test_quick_json_has_the_expected_keys(extra: tuple[str, ...]) -> None:
     result = run_quick("--json", *extra)
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
-    assert set(report) == {"env", "rows", "geomean"}
+    assert set(report) == {"env", "rows", "geomean", "precise_bn"}
+    assert set(report["precise_bn"]) == {
+        "precise_train_over_forward",
+        "precise_sequential_over_forward",
+    }
+    assert all(ratio > 0 for ratio in report["precise_bn"].values())
     with_torch = HAS_TORCH and not extra
     assert (report["env"]["torch"] is not None) == with_torch
     assert [row["shape"] for row in report["rows"]] == [[8, 4, 5, 5], [64, 16]]

@@ -291,7 +291,8 @@ def _measure(
 
     def observer(index: int) -> Callable[[BatchNormCache], None]:
         def observe(cache: BatchNormCache) -> None:
-            stats[index].update_from_moments(cache.mean, cache.var, cache.count)
+            # The layer has checked these statistics (finite, float64): merge them directly.
+            stats[index]._merge(cache.mean, cache.var, cache.count, 1)
             if order is not None and calls[index] == 0:
                 order.append(index)
             calls[index] += 1
