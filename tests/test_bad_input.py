@@ -305,14 +305,16 @@ def activation_outcome(profile: str, kind: str) -> Outcome:
             )
         return Raises(ValueError, r"expected 3 channels \(num_features\) on axis 1")
     if kind == "empty":
-        if profile in ("eval", "layer_eval", "update"):
+        if profile in ("eval", "layer_eval", "update", "moments"):  # moments: count 0
             return OK
         return Raises(ValueError, r"x holds no values per channel \(shape \(0, 3, 2\)\)")
     assert kind in POISON_KINDS
+    if profile in ("eval", "layer_eval") or kind == "huge_float32":
+        # Inputs this small are computed in float64 (the lean regime), where values of 1e30
+        # square without overflow; test_functional checks the large float32 regime.
+        return OK
     if profile in ("train", "moments"):
         return PROPAGATE
-    if profile in ("eval", "layer_eval"):
-        return OK
     if profile == "gradcheck":
         if kind in ("nan", "inf", "minus_inf"):
             return Raises(ValueError, r"x must be finite; 1 of its 36 values are NaN or inf")

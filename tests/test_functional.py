@@ -331,6 +331,12 @@ def test_dx_dtype_follows_x_not_dy(dy_dtype):
     assert dx.dtype == np.float32
 
 
+def _within_one_spacing(a16: np.ndarray, b32: np.ndarray) -> None:
+    assert a16.dtype == np.float16
+    gap = np.abs(a16.astype(np.float32) - b32)
+    assert (gap <= np.spacing(np.abs(a16)).astype(np.float32)).all()
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("shape", "axis"), [((16, 4), 1), ((4, 3, 5, 6), 1), ((2, 5, 3), -1)])
 def test_float16_is_computed_in_float32(training, shape, axis):
@@ -342,12 +348,14 @@ def test_float16_is_computed_in_float32(training, shape, axis):
     else:
         y16, c16 = bn.forward_eval(x, gamma, beta, mean, var, axis=axis)
         y32, c32 = bn.forward_eval(x32, gamma, beta, mean, var, axis=axis)
-    np.testing.assert_array_equal(y16, y32.astype(np.float16))
+    # Equal up to the double rounding of y32.astype(float16) (small inputs are computed in
+    # float64, so y32 is itself rounded once already): at most one float16 spacing apart.
+    _within_one_spacing(y16, y32)
     np.testing.assert_array_equal(c16.mean, c32.mean)
     np.testing.assert_array_equal(c16.var, c32.var)
     dx16, dgamma16, dbeta16 = bn.backward(dy, c16)
     dx32, dgamma32, dbeta32 = bn.backward(dy32, c32)
-    np.testing.assert_array_equal(dx16, dx32.astype(np.float16))
+    _within_one_spacing(dx16, dx32)
     np.testing.assert_array_equal(dgamma16, dgamma32)
     np.testing.assert_array_equal(dbeta16, dbeta32)
 

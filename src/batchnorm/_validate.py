@@ -538,3 +538,74 @@ def same_shapes(actual: tuple[int, ...], expected: tuple[int, ...]) -> None:
             f"relative_error needs equal shapes; got {actual} and {expected}. "
             "Compare each gradient with the numerical gradient of the same array."
         )
+
+
+# --- the stages (functional.py) -------------------------------------------------------------------
+
+
+def parts(
+    means: Any, variances: Any, counts: Any
+) -> tuple[NDArray[np.float64], NDArray[np.float64], list[int]]:
+    """Check combine_moments' inputs: (k, C) means and variances, k counts >= 0."""
+    mu = np.asarray(means)
+    sigma2 = np.asarray(variances)
+    try:
+        parts_counts = [value_count(n) for n in counts]
+    except TypeError as err:
+        raise TypeError(f"counts must be a sequence of ints >= 0, one per part; {err}") from None
+    k = len(parts_counts)
+    for name, arr in (("means", mu), ("vars", sigma2)):
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers; got dtype {arr.dtype}.")
+        if arr.ndim != 2 or arr.shape[0] != k or arr.shape[1] == 0:
+            raise ValueError(
+                f"{name} must have shape (k, C): one row of per-channel values for each of the "
+                f"k = {k} counts; got shape {arr.shape}. Stack the parts' vectors, e.g. "
+                "np.stack([mean_a, mean_b])."
+            )
+    if mu.shape != sigma2.shape:
+        raise ValueError(f"means and vars must have the same shape; got {mu.shape} and "
+                         f"{sigma2.shape}.")  # fmt: skip
+    if (sigma2 < 0).any():
+        raise ValueError("vars must be >= 0 (biased variances, as moments() returns them).")
+    return mu.astype(np.float64), sigma2.astype(np.float64), parts_counts
+
+
+def batch_stats(
+    stats: Any, num_channels: int, local_count: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
+    """Check forward_train's stats=(mean, var, count) of the whole normalization batch."""
+    if not isinstance(stats, tuple | list) or len(stats) != 3:
+        raise TypeError(
+            "stats must be a (mean, var, count) tuple of the whole normalization batch, as "
+            f"combine_moments returns it; got {type(stats).__name__}."
+        )
+    mean = per_channel(stats[0], "stats mean", num_channels)
+    var = per_channel(stats[1], "stats var", num_channels, nonnegative=True)
+    count = value_count(stats[2])
+    if count < 2 or count < local_count:
+        raise ValueError(
+            f"stats count must be the whole normalization batch's number of values per channel: "
+            f"at least 2 and at least this part's {local_count}; got {count}. Pass the count "
+            "that combine_moments returned for all the parts together."
+        )
+    return mean, var, count
+
+
+def channel_sums(value: Any, name: str, num_channels: int) -> NDArray[np.float64]:
+    """Check a per-channel sum given to backward_input (NaN allowed: it propagates to dx)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf" or arr.shape != (num_channels,):
+        raise ValueError(
+            f"{name} must be a real array of shape ({num_channels},), as backward_sums returns "
+            f"it (added up over the parts); got dtype {arr.dtype}, shape {arr.shape}."
+        )
+    return arr.astype(np.float64, copy=False)
+
+
+def sums_need_data() -> ValueError:
+    return ValueError(
+        "backward_sums needs sum(dy * xhat), which needs x, and this cache (from forward_eval "
+        "without gamma) keeps no copy of x, since its own backward needs none. Pass "
+        "gamma=np.ones(C) to forward_eval to keep one."
+    )
