@@ -1,57 +1,74 @@
-"""The memory machinery behind the stages of :mod:`batchnorm.functional` (private).
+"""How the stages of :mod:`batchnorm.functional` walk memory (private).
 
-functional.py says *what* is computed; this module decides *how* it walks memory, so that
-small batches pay almost nothing per call and large ones stream through memory a few times.
-Nothing here changes a result beyond rounding; every function takes and returns arrays viewed
-as (P, C, S): P = prod(shape[:axis]), S = prod(shape[axis+1:]).
+functional.py says *what* is computed; this module decides *how*, by size alone, so that the
+forward and backward of one call always take the same road:
 
-Two regimes, chosen by size alone (so forward and backward of one call always agree):
+* Lean (x.size <= LEAN_VALUES): a few whole-array NumPy operations in float64. At this size
+  the cost is the number of NumPy calls, not the arithmetic, so every stage here is written
+  in as few calls as it takes (per-channel sums as one BLAS product with a ones vector), and
+  float64 costs nothing extra while making float32 results exact to their last bit or so.
+* Streaming (larger): ``_stream`` walks the data in cache-sized slabs in the compute dtype
+  (float32 for float16 and float32 input).
 
-* Lean (x.size <= LEAN_VALUES): plain whole-array NumPy in float64, a handful of ufunc
-  calls per stage. Per-call overhead dominates at this size, and float64 costs nothing extra.
-* Streaming (larger): data stays in the compute dtype (float32 for float16/float32 input)
-  and is processed as below.
+Nothing here changes a result beyond rounding. Arrays are handled as (P, C, S):
+P = prod(shape[:axis]), S = prod(shape[axis+1:]).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
+from batchnorm import _stream
+
 Array = NDArray[np.floating[Any]]
 Vector = NDArray[np.float64]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-# Largest x (values, all channels) handled in the lean regime: measured in docs/performance.md
-# (`python benchmarks/bench.py --crossover`).
+# Largest x (values, all channels together) done the lean way. Measured: the lean road is
+# faster up to about this size (python benchmarks/bench.py --crossover; docs/performance.md).
 LEAN_VALUES = 1 << 15
+_F64 = np.dtype(np.float64)
 
 
-# --- the entry points used by functional.py ------------------------------------------------------
+def propagating(kernel: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a kernel with NumPy's "invalid value" and "overflow" warnings silenced: NaN and inf
+    in the input propagate to the output by design (callers such as BatchNorm check the
+    statistics), so those warnings would only be noise. A new errstate per call is thread-safe."""
+
+    @functools.wraps(kernel)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return kernel(*args, **kwargs)
+
+    return run
 
 
 def pcs(x: Array, axis: int) -> tuple[Array, bool]:
     """x as a (P, C, S) array, and whether it was taken channels-last.
 
-    An array whose channel axis is the fastest-varying one in memory (a channels-last-strided
-    (N, C, H, W) array, say) is viewed as (P, C, 1) with channels last, without a copy; the
-    results are given back the same memory layout by :func:`restore`, as NumPy's ufuncs do."""
+    An array whose channel axis varies fastest in memory (a channels-last-strided (N, C, H, W)
+    array, say) is viewed as (P, C, 1) without a copy; :func:`restore` gives the results the
+    same memory layout, as NumPy's ufuncs do."""
     if axis != x.ndim - 1 and not x.flags.c_contiguous and x.size:
         moved = np.moveaxis(x, axis, -1)
         if moved.flags.c_contiguous:
             return moved.reshape(-1, x.shape[axis], 1), True
-    return _as_pcs(x, axis), False
+    return _stream.as_pcs(x, axis), False
 
 
 def like(dy: Array, axis: int, moved: bool, dtype: np.dtype[Any]) -> Array:
     """dy as the C-contiguous (P, C, S) array in dtype that matches :func:`pcs` of x."""
     if moved:
-        return _contiguous(np.moveaxis(dy, axis, -1).reshape(-1, dy.shape[axis], 1), dtype)
-    return _contiguous(_as_pcs(dy, axis), dtype)
+        dy = np.moveaxis(dy, axis, -1).reshape(-1, dy.shape[axis], 1)
+    else:
+        dy = _stream.as_pcs(dy, axis)
+    return _stream.contiguous(dy, dtype)
 
 
 def restore(a3: Array, shape: tuple[int, ...], axis: int, moved: bool) -> Array:
@@ -64,7 +81,7 @@ def restore(a3: Array, shape: tuple[int, ...], axis: int, moved: bool) -> Array:
 
 def working_dtype(size: int, cdt: np.dtype[Any]) -> np.dtype[Any]:
     """float64 in the lean regime, else the compute dtype."""
-    return np.dtype(np.float64) if size <= LEAN_VALUES else cdt
+    return _F64 if size <= LEAN_VALUES else cdt
 
 
 def centred_moments(
@@ -72,22 +89,27 @@ def centred_moments(
 ) -> tuple[Array, Vector, Vector, Vector]:
     """(data, shift, resid, var): data = x - shift, mean = shift + resid, biased var."""
     if x3.size > LEAN_VALUES:
-        return _shifted_moments(x3, cdt, count)
-    data = x3.astype(np.float64, order="C")
-    shift = _lean_sum(data) / count
+        return _stream.shifted_moments(x3, cdt, count)
+    data = x3.astype(_F64, order="C")
+    shift = _sum(data)
+    shift /= count
     data -= shift[:, None]
     # The two-pass algorithm with its correction term: resid is what rounding left of the mean.
-    resid = _lean_sum(data) / count
-    var = np.einsum("pcs,pcs->c", data, data) / count - resid * resid
-    return data, shift, resid, np.maximum(var, 0.0)
+    resid = _sum(data)
+    resid /= count
+    var = _dot(data, data)
+    var /= count
+    var -= resid * resid
+    return data, shift, resid, np.maximum(var, 0.0, out=var)
 
 
 def centre_on(x3: Array, cdt: np.dtype[Any], mean: Vector) -> tuple[Array, Vector]:
-    """(data, shift): data = x - shift with shift the given mean rounded to the working dtype."""
+    """(data, shift): data = x - shift, shift the given mean rounded to the working dtype."""
     if x3.size > LEAN_VALUES:
         shift = mean.astype(cdt)
-        return _subtract_per_channel(_contiguous(x3, cdt), shift), shift.astype(np.float64)
-    data = x3.astype(np.float64, order="C")
+        data = _stream.subtract_per_channel(_stream.contiguous(x3, cdt), shift)
+        return data, shift.astype(_F64)
+    data = x3.astype(_F64, order="C")
     data -= mean[:, None]
     return data, mean
 
@@ -96,35 +118,14 @@ def scale_shift(a: Array, scale: Vector, offset: Vector | None, dtype: np.dtype[
     """a * scale + offset per channel, returned in dtype."""
     if a.size > LEAN_VALUES:
         cdt = np.promote_types(a.dtype, np.float32)  # float16 is computed in float32
-        return _scale_shift(_contiguous(a, cdt), scale, offset, dtype)
-    out = a * scale[:, None]
-    if offset is not None:
+        return _stream.scale_shift(_stream.contiguous(a, cdt), scale, offset, dtype)
+    out = np.multiply(a, scale[:, None], dtype=_F64)
+    if offset is None:
+        return out.astype(dtype, copy=False)
+    if dtype == _F64:
         out += offset[:, None]
-    result: Array = out.astype(dtype, copy=False)
-    return result
-
-
-def sums(dy3: Array, data: Array, ref: Vector, *, centred: bool) -> tuple[Vector, Vector]:
-    """Per-channel sum(dy) and sum(dy * (data - ref)), in float64.
-
-    centred: data is already x minus (nearly) its mean, so ref is a small remainder and
-    sum(dy * data) - ref * sum(dy) does not cancel. Otherwise (eval caches hold x itself) data
-    is centred on ref first."""
-    if data.size <= LEAN_VALUES:
-        if not centred:
-            data = data - ref[:, None]
-        return _lean_sum(dy3), np.einsum("pcs,pcs->c", dy3, data)
-    if centred:
-        sum_dy, dot = _sum_and_dot(dy3, data)
-        return sum_dy, dot - ref * sum_dy
-    ref_c = ref.astype(data.dtype)
-    sum_dy, dot = _sum_and_dot(dy3, _subtract_per_channel(data, ref_c))
-    return sum_dy, dot - (ref - ref_c) * sum_dy
-
-
-def channel_sum(a: Array) -> Vector:
-    """Per-channel sum of a (P, C, S) array in its working dtype, as float64."""
-    return _lean_sum(a) if a.size <= LEAN_VALUES else _channel_sum(a)
+        return out
+    return np.add(out, offset[:, None], out=np.empty(out.shape, dtype), casting="same_kind")
 
 
 def normalize_eval(
@@ -139,10 +140,35 @@ def normalize_eval(
     """(a copy of x in the working dtype if keep else None, x * scale + offset in dtype)."""
     if not keep:
         return None, scale_shift(x3, scale, offset, dtype)
-    if x3.size <= LEAN_VALUES:
-        data = x3.astype(np.float64, order="C")
-        return data, scale_shift(data, scale, offset, dtype)
-    return _copy_scale_shift(x3, cdt, scale, offset, dtype)
+    if x3.size > LEAN_VALUES:
+        return _stream.copy_scale_shift(x3, cdt, scale, offset, dtype)
+    data = x3.astype(_F64, order="C")
+    return data, scale_shift(data, scale, offset, dtype)
+
+
+def sums(dy3: Array, data: Array, ref: Vector, *, centred: bool) -> tuple[Vector, Vector]:
+    """Per-channel sum(dy) and sum(dy * (data - ref)), in float64.
+
+    centred: data is x minus (nearly) its mean, so ref is a small remainder and
+    sum(dy * data) - ref * sum(dy) does not cancel. Otherwise (an eval cache holds x itself)
+    data is centred on ref first."""
+    if data.size <= LEAN_VALUES:
+        if not centred:
+            data = data - ref[:, None]
+            ref = np.zeros_like(ref)
+        sum_dy = _sum(dy3)
+        return sum_dy, _dot(dy3, data) - ref * sum_dy
+    if centred:
+        sum_dy, dot = _stream.sum_and_dot(dy3, data)
+        return sum_dy, dot - ref * sum_dy
+    ref_c = ref.astype(data.dtype)
+    sum_dy, dot = _stream.sum_and_dot(dy3, _stream.subtract_per_channel(data, ref_c))
+    return sum_dy, dot - (ref - ref_c) * sum_dy
+
+
+def channel_sum(a: Array) -> Vector:
+    """Per-channel sum of a (P, C, S) array in its working dtype, as float64."""
+    return _sum(a) if a.size <= LEAN_VALUES else _stream.channel_sum(a)
 
 
 def train_dx(
@@ -150,341 +176,29 @@ def train_dx(
 ) -> Array:
     """dx = a * (data * b1 + dy + c1) per channel, returned in dtype."""
     if data.size > LEAN_VALUES:
-        dx = _train_dx(data, dy3, a, b1, c1)
-    else:
-        dx = data * b1[:, None]
-        dx += dy3
-        dx += c1[:, None]
-        dx *= a[:, None]
-    result: Array = dx.astype(dtype, copy=False)
-    return result
+        dx: Array = _stream.train_dx(data, dy3, a, b1, c1).astype(dtype, copy=False)
+        return dx
+    # = data * (a * b1) + dy * a + a * c1: per-channel products first, then three passes.
+    dx = np.multiply(data, (a * b1)[:, None])
+    dx += (a * c1)[:, None]
+    if dtype == _F64:
+        dx += dy3 * a[:, None]
+        return dx
+    return np.add(dx, dy3 * a[:, None], out=np.empty(dx.shape, dtype), casting="same_kind")
 
 
-def _lean_sum(a: Array) -> Vector:
-    """Per-channel sum of a small (P, C, S) float64 array."""
-    total: Vector = a.sum(axis=0)[:, 0] if a.shape[2] == 1 else a.sum(axis=(0, 2))
-    return total
-
-
-# --- streaming: views, layouts, slabs and per-channel reductions ----------------------------
-#
-# x is handled as a (P, C, S) view: P = prod(shape[:axis]), S = prod(shape[axis+1:]). What makes
-# the kernels fast in NumPy (before/after timings in docs/performance.md):
-#
-# * Few passes over memory. Centring costs one pass, not two: the shift comes from a small
-#   leading sample of the batch, with a full-mean shift only when that sample was too far off
-#   (_shifted_moments). dx is built in place in its own buffer, with no temporary of x's size.
-# * Large arrays are processed in slabs of whole samples (_SLAB_BYTES), so that what one step
-#   writes is still in cache when the next step reads it: centring and the sums of the centred
-#   values share one trip to memory, and so do the four steps that build dx.
-# * Element-wise work runs on long rows. NumPy runs `x * v` with a per-channel v broadcast as
-#   (C, 1) over (P, C, S) 1.5x (S = 3136) to 2.2x (S = 49) slower than with an equally long v
-#   of its own, and (B, C) data (S = 1) is the worst case. So the contiguous data is viewed as
-#   (R, L) rows of k whole samples each, and every per-channel vector is expanded once to a
-#   row of L values (_layout).
-# * Per-channel sums are matrix-vector products with a ones vector, which BLAS runs at memory
-#   speed; ndarray.sum with a float64 accumulator converts element by element, 2-4x slower.
-#   Accuracy is kept by bounding how many terms BLAS adds in the compute dtype (at most
-#   _BLAS_TERMS over P; over S as many as a feature map holds) and adding the rest in float64.
-
-# Target row length (elements) of the element-wise view: long enough that the per-loop cost
-# vanishes, short enough that the expanded per-channel rows stay in cache.
-_ROW_LENGTH = 16384
-# Largest expanded per-channel row (bytes of one sample, C * S values), and fewest rows the
-# element-wise view must have, so that an expanded row costs at most 1/8 of x's memory.
-_ROW_MAX_BYTES = 1 << 20
-_MIN_ROWS = 8
-# Largest number of rows BLAS sums in the compute dtype before float64 takes over.
-_BLAS_TERMS = 256
-# Largest run of one feature map summed in the compute dtype (bounds float32 rounding growth).
-_ROW_TERMS = 4096
-# Values per channel in the leading sample that estimates the shift.
-_SHIFT_SAMPLE = 32
-# Bytes of one array per slab; arrays up to _SLAB_MIN_BYTES are done in one piece.
-_SLAB_BYTES = 1 << 20
-_SLAB_MIN_BYTES = 16 << 20
-
-
-def _shifted_moments(
-    x3: Array, cdt: np.dtype[Any], count: int
-) -> tuple[Array, Vector, Vector, Vector]:
-    """Centre x3 (P, C, S) by a first mean estimate; return (data, shift, resid, var).
-
-    ``data = x3 - shift`` in the compute dtype, C-contiguous, with ``shift`` (float64, exactly
-    representable in cdt) a first estimate of the mean; ``resid`` is the exact remainder, so the
-    mean is ``shift + resid``, and ``var`` the biased variance. Summing small centred values and
-    correcting by the remainder (Chan, Golub and LeVeque's two-pass algorithm) avoids the
-    cancellation of the one-pass E[x^2] - E[x]^2.
-
-    The shift is the mean of the first ~_SHIFT_SAMPLE values of each channel, which saves a
-    full pass over x. The correction ``var = E[data^2] - resid^2`` loses about
-    log2(1 + resid^2 / var) bits, so at most one while every channel's sample mean lies within
-    one standard deviation of its batch mean. When one does not (an ordered batch, an outlier
-    up front), x is centred again on the batch mean just measured and the sums are redone, as
-    the full two-pass algorithm would.
-    """
-    x3 = _contiguous(x3, cdt)
-    p, _, s = x3.shape
-    head = x3[: min(p, -(-_SHIFT_SAMPLE // s))]
-    shift = (_channel_sum(head) / max(head.shape[0] * s, 1)).astype(cdt)
-    data = np.empty_like(x3)
-    resid, var = _centre(x3, shift, data, count)
-    if (resid * resid > var).any():
-        shift = (shift + resid).astype(cdt)
-        resid, var = _centre(x3, shift, data, count)
-    return data, shift.astype(np.float64), resid, np.maximum(var, 0.0)
-
-
-def _centre(x3: Array, shift: Array, data: Array, count: int) -> tuple[Vector, Vector]:
-    """data = x3 - shift; return the mean of data and its (unclipped) biased variance
-    E[data^2] - mean^2, summing each slab while it is in cache."""
-    sums = []
-    for (_, d_slab), (x_view, d_view), (op,) in _slabs((x3, data), shift):
-        np.subtract(x_view, op, out=d_view)
-        sums.append((_channel_sum(d_slab), _channel_dot(d_slab, d_slab)))
-    total, total_sq = _add_up(sums)
-    resid = total / count
-    return resid, total_sq / count - resid * resid
-
-
-def _sum_and_dot(dy3: Array, data: Array) -> tuple[Vector, Vector]:
-    """Per-channel sum(dy) and sum(dy * data), slab by slab."""
-    sums = [
-        (_channel_sum(dy_slab), _channel_dot(dy_slab, d_slab))
-        for (dy_slab, d_slab), _, _ in _slabs((dy3, data))
-    ]
-    return _add_up(sums)
-
-
-def _add_up(sums: list[tuple[Vector, Vector]]) -> tuple[Vector, Vector]:
-    """Add up per-slab pairs of per-channel sums."""
-    first, second = sums[0]
-    for a, b in sums[1:]:
-        first = first + a
-        second = second + b
-    return first, second
-
-
-def _train_dx(data: Array, dy3: Array, a: Vector, b1: Vector, c1: Vector) -> Array:
-    """dx = a * dy + (a * b1) * data + a * c1, evaluated as a * (data * b1 + dy + c1): four
-    passes in place on dx (each slab's four while it is in cache), no temporary of x's size."""
-    dx = np.empty_like(data)
-    for _, (d_view, dy_view, dx_view), (a_op, b1_op, c1_op) in _slabs((data, dy3, dx), a, b1, c1):
-        np.multiply(d_view, b1_op, out=dx_view)
-        dx_view += dy_view
-        dx_view += c1_op
-        dx_view *= a_op
-    return dx
-
-
-def _scale_shift(a: Array, scale: Vector, offset: Vector | None, dtype: np.dtype[Any]) -> Array:
-    """a * scale + offset per channel for C-contiguous (P, C, S) a, computed in a's dtype and
-    returned in dtype: a multiply into a new array and an in-place add."""
-    out = np.empty_like(a)
-    if offset is None or a.nbytes <= _SLAB_MIN_BYTES:
-        # One expanded vector alive at a time: with few samples one costs up to 1/8 of x.
-        _apply(np.multiply, a, scale, out)
-        if offset is not None:
-            _apply(np.add, out, offset, out)
-    else:  # slab by slab, adding while the product is in cache
-        for _, (a_view, out_view), (scale_op, offset_op) in _slabs((a, out), scale, offset):
-            np.multiply(a_view, scale_op, out=out_view)
-            out_view += offset_op
-    result: Array = out.astype(dtype, copy=False)
-    return result
-
-
-def _apply(op: np.ufunc, a: Array, vector: Vector | Array, out: Array) -> None:
-    """out = op(a, vector) per channel, for C-contiguous (P, C, S) a and out."""
-    for _, (a_view, out_view), (operand,) in _slabs((a, out), vector):
-        op(a_view, operand, out=out_view)
-
-
-def _copy_scale_shift(
-    x3: Array, cdt: np.dtype[Any], scale: Vector, offset: Vector, dtype: np.dtype[Any]
-) -> tuple[Array, Array]:
-    """(a C-contiguous copy of x3 in cdt, x3 * scale + offset in dtype); for large arrays
-    slab by slab, so that each slab of the copy is scaled while it is still in cache."""
-    data = np.empty(x3.shape, cdt)
-    if data.nbytes <= _SLAB_MIN_BYTES or not x3.flags.c_contiguous:
-        np.copyto(data, x3)
-        return data, _scale_shift(data, scale, offset, dtype)
-    out = np.empty_like(data)
-    for (d_slab, x_slab, _), (d_view, _, out_view), (scale_op, offset_op) in _slabs(
-        (data, x3, out), scale, offset
-    ):
-        np.copyto(d_slab, x_slab)
-        np.multiply(d_view, scale_op, out=out_view)
-        out_view += offset_op
-    result: Array = out.astype(dtype, copy=False)
-    return data, result
-
-
-def _slabs(
-    arrays: tuple[Array, ...], *vectors: Vector | Array
-) -> Iterator[tuple[tuple[Array, ...], tuple[Array, ...], list[Array]]]:
-    """Walk same-shaped C-contiguous (P, C, S) arrays together, a slab of samples at a time.
-
-    Yields (the arrays' (n, C, S) slabs, the same slabs in the element-wise view, the
-    per-channel vectors as operands that broadcast against that view, in the first array's
-    dtype). The view is chosen once for the whole arrays (_layout); arrays up to
-    _SLAB_MIN_BYTES are one slab."""
-    p, c, s = arrays[0].shape
-    dtype = arrays[0].dtype
-    mode, size = _layout(p, c, s, dtype.itemsize)
-    ops = _per_channel(s, mode, size, dtype, *vectors)
-    sample_bytes = c * s * dtype.itemsize
-    if p * sample_bytes <= _SLAB_MIN_BYTES:
-        yield arrays, _views(arrays, mode, size), ops
-        return
-    k = size // (c * s) if mode == "rows" else 1  # a slab holds whole rows
-    step = max(1, _SLAB_BYTES // (sample_bytes * k)) * k
-    for start in range(0, p, step):
-        blocks = tuple([arr[start : start + step] for arr in arrays])
-        yield blocks, _views(blocks, mode, size), ops
-
-
-def _views(blocks: tuple[Array, ...], mode: str, size: int) -> tuple[Array, ...]:
-    return tuple([b.reshape(-1, size) for b in blocks]) if mode == "rows" else blocks
-
-
-def _as_pcs(x: Array, axis: int) -> Array:
-    """View x as (P, C, S): P = prod(shape[:axis]), S = prod(shape[axis+1:]); copies only if
-    x's memory layout does not allow the view."""
-    shape = x.shape
-    return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
-
-
-def _contiguous(a: Array, dtype: np.dtype[Any]) -> Array:
-    """a itself when it is C-contiguous in dtype, else a C-contiguous copy in dtype."""
-    result: Array = np.ascontiguousarray(a, dtype=dtype)
-    return result
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(p: int, c: int, s: int, itemsize: int) -> tuple[str, int]:
-    """How element-wise work views C-contiguous (P, C, S) data, as (mode, size).
-
-    * ("rows", L): rows of L = k * C * S values, k whole samples each (k the largest divisor
-      of P with L <= _ROW_LENGTH and P / k >= _MIN_ROWS): every row has the same channel
-      pattern, so one expanded row per vector serves them all. (B, C) data always takes
-      rows: broadcasting a (C,) vector over B short rows is the slow case itself.
-    * ("planes", 0): (C, 1) vectors broadcast over (P, C, S), when an expanded row would
-      cost more than 1/_MIN_ROWS of x's memory (fewer than _MIN_ROWS samples) or more than
-      _ROW_MAX_BYTES. NumPy runs these passes 1.5x (S = 3136) to 2.2x (S = 49) slower."""
-    cs = c * s
-    if cs > 0 and (s == 1 or (p >= _MIN_ROWS and cs * itemsize <= _ROW_MAX_BYTES)):
-        most = min(p // _MIN_ROWS, _ROW_LENGTH // max(cs, 1))
-        return "rows", cs * next((d for d in range(most, 1, -1) if p % d == 0), 1)
-    return "planes", 0
-
-
-def _per_channel(
-    s: int, mode: str, size: int, dtype: np.dtype[Any], *vectors: Vector | Array
-) -> list[Array]:
-    """Per-channel vectors (n,) as operands in dtype: expanded to one row of `size` values
-    (k repeats of each channel's value S times) in "rows" mode, else shaped (n, 1)."""
-    if not vectors:
-        return []
-    stacked = np.array(vectors, dtype=dtype)
-    if mode != "rows":
-        return list(stacked[:, :, None])
-    pattern = np.repeat(stacked, s, axis=1) if s > 1 else stacked  # one sample: (m, n * S)
-    k = size // max(pattern.shape[1], 1)
-    if k == 1:
-        return list(pattern)
-    expanded = np.empty((len(vectors), k, pattern.shape[1]), dtype)
-    expanded[...] = pattern[:, None, :]
-    return list(expanded.reshape(len(vectors), size))
-
-
-def _subtract_per_channel(a: Array, vector: Array) -> Array:
-    """a - vector per channel for C-contiguous (P, C, S) a, as a new array."""
-    result = np.empty_like(a)
-    _apply(np.subtract, a, vector, result)
-    return result
-
-
-def _ones(n: int, dtype: np.dtype[Any]) -> Array:
-    """A read-only ones vector; the short ones (up to 64K values) are kept for reuse."""
-    return _cached_ones(n, dtype) if n <= 1 << 16 else np.ones(n, dtype)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_ones(n: int, dtype: np.dtype[Any]) -> Array:
-    ones: Array = np.ones(n, dtype)
-    ones.flags.writeable = False
-    return ones
-
-
-@functools.lru_cache(maxsize=64)
-def _blas_split(p: int) -> int:
-    """k, the smallest divisor of P with P / k <= _BLAS_TERMS: sums over P run as BLAS sums of
-    P / k rows in the compute dtype, then k partial sums added in float64. When no such
-    divisor lies near P / _BLAS_TERMS (P prime, say), this returns 1 and the callers split P."""
-    first = -(-p // _BLAS_TERMS)
-    return next((k for k in range(first, min(p, 8 * first) + 1) if p % k == 0), 1)
-
-
-def _channel_sum(a: Array) -> Vector:
-    """Per-channel sum of contiguous (P, C, S) a in float32/float64, as float64 (C,)."""
+def _sum(a: Array) -> Vector:
+    """Per-channel sum of a small (P, C, S) float64 array: one BLAS product over P."""
     p, c, s = a.shape
-    if a.size == 0:
+    if not p:
         return np.zeros(c)
-    if s == 1:
-        k = _blas_split(p)
-        if p // k > _BLAS_TERMS:  # no divisor fits: split off the last P % _BLAS_TERMS rows
-            cut = p - p % _BLAS_TERMS
-            return _channel_sum(a[:cut]) + _channel_sum(a[cut:])
-        return _fold(_ones(p // k, a.dtype) @ a.reshape(p // k, k * c), c)
-    parts = [piece @ _ones(piece.shape[-1], a.dtype) for piece in _pieces(a.reshape(p * c, s))]
-    return _fold(_add_pieces(parts, p * c), c)
+    total: Vector = _stream.ones(p, _F64) @ a.reshape(p, c * s)
+    return total if s == 1 else total.reshape(c, s).sum(axis=1)
 
 
-def _channel_dot(a: Array, b: Array) -> Vector:
-    """Per-channel sum of a * b for contiguous (P, C, S) arrays, without a temporary of their
-    size (einsum multiplies and adds in one loop), as float64 (C,)."""
-    p, c, s = a.shape
-    if a.size == 0:
-        return np.zeros(c)
-    if s == 1:
-        k = _blas_split(p)
-        if p // k > _BLAS_TERMS:
-            cut = p - p % _BLAS_TERMS
-            return _channel_dot(a[:cut], b[:cut]) + _channel_dot(a[cut:], b[cut:])
-        rows = (p // k, k * c)
-        return _fold(np.einsum("rl,rl->l", a.reshape(rows), b.reshape(rows)), c)
-    pieces = zip(_pieces(a.reshape(p * c, s)), _pieces(b.reshape(p * c, s)), strict=True)
-    parts = [np.einsum("...s,...s->...", u, v) for u, v in pieces]
-    return _fold(_add_pieces(parts, p * c), c)
-
-
-def _pieces(rows: Array) -> list[Array]:
-    """(n, S) rows as views of at most _ROW_TERMS terms per row: (n, k, _ROW_TERMS) and the
-    (n, S % _ROW_TERMS) rest. Summing each piece in the compute dtype and the pieces in
-    float64 makes float32 rounding grow with the piece, not with the feature map."""
-    s = rows.shape[1]
-    if s <= _ROW_TERMS:
-        return [rows]
-    cut = s - s % _ROW_TERMS
-    pieces = [rows[:, :cut].reshape(rows.shape[0], -1, _ROW_TERMS)]
-    return [*pieces, rows[:, cut:]] if cut < s else pieces
-
-
-def _add_pieces(parts: Sequence[Array], n: int) -> Array:
-    """Per-row totals of the pieces' sums, in float64 when there is more than one piece."""
-    if len(parts) == 1 and parts[0].ndim == 1:
-        return parts[0]
-    total: Array = np.add.reduce(
-        [part.reshape(n, -1).sum(axis=1, dtype=np.float64) for part in parts]
-    )
-    return total
-
-
-def _fold(partial: Array, c: int) -> Vector:
-    """Add partial sums laid out as (n, C) per channel, in float64."""
-    rows = partial.reshape(-1, c)
-    total: Vector = (
-        rows[0].astype(np.float64) if rows.shape[0] == 1 else rows.sum(axis=0, dtype=np.float64)
-    )
+def _dot(a: Array, b: Array) -> Vector:
+    """Per-channel sum of a * b for small (P, C, S) float64 arrays."""
+    if a.shape[2] == 1:
+        return _sum(a * b)
+    total: Vector = np.einsum("pcs,pcs->c", a, b)
     return total

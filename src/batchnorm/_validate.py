@@ -97,8 +97,8 @@ def per_channel(
             f"{arr.shape}. Check that num_features / the channel axis match your data."
         )
     out = arr.astype(np.float64, copy=True)
-    bad = np.flatnonzero(~np.isfinite(out))
-    if bad.size:
+    if not np.isfinite(out).all():
+        bad = np.flatnonzero(~np.isfinite(out))
         raise ValueError(
             f"{name} must be finite; channels {_channel_list(bad)} hold NaN or inf. "
             "Check where these values came from before normalizing with them."
@@ -223,12 +223,24 @@ def layer_input(x: Any, num_channels: int, axis: int) -> NDArray[np.floating[Any
     arr = float_array(x)
     ax = channel_axis(arr.shape, axis)
     if arr.shape[ax] != num_channels:
-        raise ValueError(
-            f"expected {num_channels} channels (num_features) on axis {axis}; got input of "
-            f"shape {arr.shape} with {arr.shape[ax]} there. Check num_features, or pass "
-            "axis=-1 for channels-last data."
-        )
+        raise _wrong_channels(arr.shape, num_channels, axis)
     return arr
+
+
+def layer_channels(x: Any, num_channels: int, axis: int) -> None:
+    """Check only that a layer's input has num_channels on its channel axis; the kernel the
+    layer calls checks everything else (dtype, rank, values), once."""
+    shape = np.shape(x)
+    if len(shape) >= 2 and -len(shape) <= axis < len(shape) and shape[axis] != num_channels:
+        raise _wrong_channels(shape, num_channels, axis)
+
+
+def _wrong_channels(shape: tuple[int, ...], num_channels: int, axis: int) -> ValueError:
+    return ValueError(
+        f"expected {num_channels} channels (num_features) on axis {axis}; got input of "
+        f"shape {shape} with {shape[axis]} there. Check num_features, or pass "
+        "axis=-1 for channels-last data."
+    )
 
 
 def finite_statistics(

@@ -1,47 +1,31 @@
-"""Stateless Batch Normalization, as three stages: the only module that does the math.
+"""Stateless Batch Normalization in three stages: the only module that does the math.
 
-A BatchNorm step is, per channel (docs/math.md):
+Per channel (docs/math.md): (1) :func:`moments` of a part of the batch, (2)
+:func:`combine_moments` of the parts, (3) the element-wise pass, :func:`forward_train` (with
+``stats=`` when x is one part of the normalization batch) or :func:`forward_eval`. Backward
+likewise: :func:`backward_sums` per part, added up over the parts, then
+:func:`backward_input`; :func:`backward` is both for a batch that is one part. Single-process,
+synchronized and ghost-batch BatchNorm and PreciseBN are these stages combined differently.
 
-1. statistics of a part of the batch: :func:`moments` (mean, biased var, count m);
-2. a combination of the parts into the whole batch's statistics: :func:`combine_moments`;
-3. an element-wise pass: :func:`forward_train` (``stats=`` the whole batch's statistics when x
-   is one part of it) or :func:`forward_eval` (given statistics).
-
-Backward has the same shape: :func:`backward_sums` (this part's ``sum(dy)`` and
-``sum(dy * xhat)``), summed over the parts by the caller, then :func:`backward_input` (dx from
-the whole batch's sums). :func:`backward` is both for a batch that is one part. Single-process
-BatchNorm, synchronized BatchNorm, ghost batches and PreciseBN are these stages combined
-differently; each stage is the float64 reference for one of PyTorch's native SyncBatchNorm ops.
-
-Every function takes x of shape (N, C, *spatial) with the channel axis at `axis` (default 1,
-``axis=-1`` for channels-last); each channel sees ``m = x.size // C`` values.
-
-Conventions (docs/conventions.md):
-
-* ``eps`` defaults to 1e-5 and is added to the variance: ``invstd = 1 / sqrt(var + eps)``.
-* Training normalizes with the *biased* batch variance (divide by m); ``cache.var`` is that
-  biased variance (multiply by m / (m - 1) for the unbiased one).
-* Output dtype = input dtype; float16 is computed in float32 (small inputs in float64).
-  Per-channel quantities (mean, var, sums, gradients of gamma and beta) are float64.
-* Outputs keep the memory layout of x (channels-last strides in, channels-last strides out).
-* Inputs are never modified, and the cache owns copies of everything backward needs.
-
-How memory is walked (small inputs in a few whole-array operations, large ones streamed in
-cache-sized slabs) lives in the private module ``_layout``; nothing there changes a result
-beyond rounding.
+x is (N, C, *spatial) with the channel axis at ``axis`` (``axis=-1``: channels-last); each
+channel sees ``m = x.size // C`` values. Conventions (docs/conventions.md): ``invstd = 1 /
+sqrt(var + eps)``, eps 1e-5; training normalizes with the *biased* batch variance; output
+dtype and memory layout = x's; float16 is computed in float32, small inputs in float64;
+per-channel results are float64; inputs are never modified. How memory is walked lives in
+``_layout`` and changes no result beyond rounding.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _layout, _validate
+from batchnorm._cache import BatchNormCache
+from batchnorm._layout import propagating
 
 __all__ = [
     "BatchNormCache",
@@ -51,111 +35,23 @@ __all__ = [
     "combine_moments",
     "forward_eval",
     "forward_train",
-    "merge_moments",
     "moments",
 ]
 
 Array = NDArray[np.floating[Any]]
 Vector = NDArray[np.float64]
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _propagating(kernel: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run a kernel with NumPy's "invalid value" and "overflow" warnings silenced: NaN and inf
-    in the input propagate to the output by design (callers such as BatchNorm check the
-    statistics), so those warnings would only be noise. A new errstate per call is thread-safe."""
-
-    @functools.wraps(kernel)
-    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with np.errstate(invalid="ignore", over="ignore"):
-            return kernel(*args, **kwargs)
-
-    return run
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class BatchNormCache:
-    """What the backward stages need from one forward call, and the statistics it used.
-
-    Attributes
-    ----------
-    mean, var : ndarray of shape (C,), float64
-        The statistics x was normalized with: after :func:`forward_train` the mean and the
-        *biased* variance of the whole normalization batch (x itself, or the batch given by
-        ``stats=``); after :func:`forward_eval` the given statistics.
-    count : int
-        m, the number of values per channel of the whole normalization batch.
-    invstd : ndarray of shape (C,), float64
-        ``1 / sqrt(var + eps)``.
-    training : bool
-        True for a cache from :func:`forward_train`, False for :func:`forward_eval`.
-    eps : float
-    axis : int
-        The channel axis, as a non-negative int.
-    shape : tuple of int
-        The shape of x (and of y, dy and dx).
-    dtype : numpy.dtype
-        The dtype of x (and of y and dx).
-    gamma : ndarray of shape (C,), float64, or None
-        A copy of the scale, or None for a call without gamma.
-    has_beta : bool
-        Whether beta was given (then backward returns dbeta, else None).
-    """
-
-    mean: Vector
-    var: Vector
-    count: int
-    invstd: Vector
-    training: bool
-    eps: float
-    axis: int
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    gamma: Vector | None
-    has_beta: bool
-    # x - shift as (P, C, S) in the working dtype, owned by the cache; None for an eval cache
-    # without gamma, whose backward (dx = dy * invstd) needs no x.
-    _data: Array | None
-    # The per-channel value subtracted from x to make _data (float64, exact in its dtype).
-    _shift: Vector
-    # Whether (P, C, S) was taken channels-last (_layout.pcs), so dx keeps x's layout.
-    _moved: bool
-
-    def __repr__(self) -> str:
-        mode = "train" if self.training else "eval"
-        return (
-            f"BatchNormCache({mode}, shape={self.shape}, dtype={self.dtype}, axis={self.axis}, "
-            f"count={self.count}, eps={self.eps:g}, affine={self.gamma is not None})"
-        )
-
-
 # --- stage 1: the statistics of one part ---------------------------------------------------------
 
 
-@_propagating
+@propagating
 def moments(x: ArrayLike, *, axis: int = 1) -> tuple[Vector, Vector, int]:
     """Per-channel mean, biased variance and count of x: one part's statistics.
 
-    Parameters
-    ----------
-    x : array_like of shape (N, C, *spatial), float
-        Any number of values per channel, 0 included (an empty part: mean and var 0, count 0).
-    axis : int, default 1
-        The channel axis.
-
-    Returns
-    -------
-    mean, var : ndarray of shape (C,), float64
-        ``var`` is biased: ``sum((x - mean)**2) / m``, computed from shifted data (never as
-        E[x^2] - E[x]^2), exactly as :func:`forward_train` computes it.
-    count : int
-        m, the number of values per channel.
-
-    Notes
-    -----
-    PyTorch's counterpart is ``torch.batch_norm_stats`` (which returns invstd instead of var).
+    x is (N, C, *spatial) float with any number of values per channel, 0 included (then mean
+    and var are 0). ``var = sum((x - mean)**2) / m`` (biased), computed from shifted data,
+    never as E[x^2] - E[x]^2, exactly as :func:`forward_train` computes it. PyTorch's
+    counterpart: ``torch.batch_norm_stats`` (which returns invstd instead of var).
 
     Examples
     --------
@@ -182,18 +78,9 @@ def combine_moments(
 ) -> tuple[Vector, Vector, int]:
     """The mean, biased variance and count of the union of any number of parts, from theirs.
 
-    Parameters
-    ----------
-    means, vars : array_like of shape (k, C)
-        Each part's per-channel mean and *biased* variance (:func:`moments`).
-    counts : sequence of k ints >= 0
-        Each part's count m. A part with count 0 gets no weight.
-
-    Returns
-    -------
-    mean, var : ndarray of shape (C,), float64
-    count : int
-        The total count; all three are 0 when every part is empty.
+    ``means`` and ``vars`` are (k, C): each part's mean and *biased* variance (:func:`moments`);
+    ``counts`` holds k ints >= 0 (a part with count 0 gets no weight). Returns float64 (C,)
+    mean and var and the total count, all 0 when every part is empty.
 
     Notes
     -----
@@ -229,17 +116,10 @@ def combine_moments(
     return mean, var, total
 
 
-def merge_moments(
-    mean_a: Vector, var_a: Vector, count_a: int, mean_b: Vector, var_b: Vector, count_b: int
-) -> tuple[Vector, Vector, int]:
-    """:func:`combine_moments` of two parts, a then b."""
-    return combine_moments((mean_a, mean_b), (var_a, var_b), (count_a, count_b))
-
-
 # --- stage 3: the element-wise pass --------------------------------------------------------------
 
 
-@_propagating
+@propagating
 def forward_train(
     x: ArrayLike,
     gamma: ArrayLike | None = None,
@@ -254,12 +134,10 @@ def forward_train(
     Parameters
     ----------
     x : array_like of shape (N, C, *spatial), float16, float32 or float64
-        The batch, or with ``stats`` one part of it (then any N, 0 and 1 included).
-        (B, L), (N, C, L), (N, C, H, W) and (N, C, D, H, W) all work; with ``axis=-1``,
-        (N, *spatial, C) channels-last data too.
+        The batch ((B, L) to (N, C, D, H, W); channels-last with ``axis=-1``), or with
+        ``stats`` one part of it (then any N, 0 and 1 included).
     gamma, beta : array_like of shape (C,), optional
-        Per-channel scale and shift. None means no scale (1) or no shift (0); the matching
-        gradient from :func:`backward` is then None.
+        Scale and shift; None means 1 and 0, and the matching gradient is then None.
     eps : float, default 1e-5
         Added to the variance before the square root.
     axis : int, default 1
@@ -272,16 +150,15 @@ def forward_train(
     -------
     y : ndarray, same shape, dtype and memory layout as x
     cache : BatchNormCache
-        Holds ``mean``, the biased ``var`` and ``count`` of the normalization batch, so callers
-        can update running statistics, and what backward needs.
+        The normalization batch's ``mean``, biased ``var`` and ``count``; what backward needs.
 
     Raises
     ------
     TypeError
         x is not float16/32/64, or gamma/beta are not real arrays.
     ValueError
-        x has fewer than 2 dims, the batch holds fewer than 2 values per channel, gamma/beta
-        have the wrong length or are not finite, or eps <= 0.
+        x has fewer than 2 dims, the batch fewer than 2 values per channel, gamma/beta have
+        the wrong length or are not finite, or eps <= 0.
 
     Notes
     -----
@@ -292,14 +169,11 @@ def forward_train(
         xhat = (x - mean) / sqrt(var + eps)
         y    = gamma * xhat + beta
 
-    The variance is computed from shifted data with the correction of Chan, Golub and LeVeque
-    (never as E[x^2] - E[x]^2), with per-channel sums accumulated in float64. y is computed
-    from x itself while every channel's mean is within one standard deviation of 0 (fewest
-    roundings), else from the centred copy (no cancellation against a large offset). NaN or inf
-    in x propagates to y and to the statistics; :class:`batchnorm.BatchNorm` refuses to record
-    such statistics. PyTorch's counterpart of the element-wise pass is ``batch_norm_elemt``.
-
-    Reference: S. Ioffe and C. Szegedy, "Batch Normalization", ICML 2015, Algorithm 1.
+    var is computed from shifted data with the correction of Chan, Golub and LeVeque (never as
+    E[x^2] - E[x]^2), summed in float64. NaN or inf in x propagates to y and the statistics
+    (:class:`batchnorm.BatchNorm` refuses to record them). PyTorch's counterpart of this
+    element-wise pass: ``batch_norm_elemt``. Reference: S. Ioffe and C. Szegedy, "Batch
+    Normalization", ICML 2015, Algorithm 1.
 
     Examples
     --------
@@ -329,8 +203,10 @@ def forward_train(
     invstd = 1.0 / np.sqrt(var + eps_f)
     scale = invstd if g is None else g * invstd
 
-    # y = scale * (x - mean) + beta, from x when that is as exact, else from data = x - shift.
-    from_x = data.dtype == x3.dtype and bool(np.all(mean * mean <= var))
+    # y = scale * (x - mean) + beta: from x itself while every mean lies within a standard
+    # deviation of 0 (fewest roundings), else from data = x - shift (no cancellation against
+    # a large offset).
+    from_x = data.dtype == x3.dtype and bool((mean * mean <= var).all())
     source, ref = (x3, mean) if from_x else (data, resid)
     offset = -ref * scale if b is None else b - ref * scale
     y = _layout.scale_shift(source, scale, offset, xa.dtype)
@@ -341,7 +217,7 @@ def forward_train(
     return _layout.restore(y, xa.shape, ax, moved), cache
 
 
-@_propagating
+@propagating
 def forward_eval(
     x: ArrayLike,
     gamma: ArrayLike | None,
@@ -354,23 +230,10 @@ def forward_eval(
 ) -> tuple[Array, BatchNormCache]:
     """Normalize x with given statistics (inference mode, or frozen BatchNorm).
 
-    Parameters
-    ----------
-    x : array_like of shape (N, C, *spatial), float16, float32 or float64
-    gamma, beta : array_like of shape (C,) or None
-        Per-channel scale and shift; None means 1 and 0.
-    mean, var : array_like of shape (C,)
-        The statistics to normalize with, usually running statistics; var must be >= 0 and is
-        used as given (whether it is biased or unbiased is the caller's choice).
-    eps : float, default 1e-5
-    axis : int, default 1
-
-    Returns
-    -------
-    y : ndarray, same shape, dtype and memory layout as x
-    cache : BatchNormCache
-        For :func:`backward`; ``cache.mean`` and ``cache.var`` are float64 copies of the given
-        statistics. N = 0 is allowed here (an empty y).
+    x, gamma, beta, eps and axis are as for :func:`forward_train` (N = 0 is allowed here);
+    ``mean`` and ``var`` (C,) are the statistics to normalize with, usually running statistics,
+    var >= 0 and used as given (biased or unbiased is the caller's choice). Returns y (x's
+    shape, dtype and memory layout) and the cache, whose mean and var are float64 copies.
 
     Notes
     -----
@@ -418,7 +281,7 @@ def _affine(gamma: ArrayLike | None, beta: ArrayLike | None, c: int) -> tuple[An
 # --- backward: this part's sums, then dx from the whole batch's sums ------------------------------
 
 
-@_propagating
+@propagating
 def backward_sums(dy: ArrayLike, cache: BatchNormCache) -> tuple[Vector, Vector]:
     """This part's per-channel ``sum(dy)`` and ``sum(dy * xhat)``, float64 (C,) each.
 
@@ -438,26 +301,14 @@ def backward_sums(dy: ArrayLike, cache: BatchNormCache) -> tuple[Vector, Vector]
     return _sums(_gradient(dy, cache), cache)
 
 
-@_propagating
+@propagating
 def backward_input(
     dy: ArrayLike, cache: BatchNormCache, sum_dy: ArrayLike, sum_dy_xhat: ArrayLike
 ) -> Array:
     """dx of this part from the whole normalization batch's sums.
 
-    Parameters
-    ----------
-    dy : array_like, shape and float dtype of this part's forward input
-    cache : BatchNormCache
-        This part's cache.
-    sum_dy, sum_dy_xhat : array_like of shape (C,)
-        :func:`backward_sums` added up over every part of the batch.
-
-    Returns
-    -------
-    dx : ndarray, same shape, dtype and memory layout as x
-
-    Notes
-    -----
+    dy and cache are this part's; ``sum_dy`` and ``sum_dy_xhat`` (C,) are :func:`backward_sums`
+    added up over every part of the batch. Returns dx with x's shape, dtype and memory layout:
     ``dx = gamma * invstd / m * (m * dy - sum_dy - xhat * sum_dy_xhat)`` with m the whole
     batch's count; evaluated as ``a * (x' * b1 + dy + c1)`` per channel on the cached centred
     copy x'. After :func:`forward_eval` the statistics are constants and ``dx = gamma * invstd
@@ -473,24 +324,15 @@ def backward_input(
     return _input(dy3, cache, *sums)
 
 
-@_propagating
+@propagating
 def backward(dy: ArrayLike, cache: BatchNormCache) -> tuple[Array, Vector | None, Vector | None]:
     """Gradients of the loss with respect to x, gamma and beta: :func:`backward_sums` then
     :func:`backward_input` with this batch's own sums.
 
-    Parameters
-    ----------
-    dy : array_like, shape and float dtype of the forward input
-        The gradient of the loss with respect to y.
-    cache : BatchNormCache
-        From :func:`forward_train` or :func:`forward_eval`; it is not modified, so backward
-        may be called on it more than once.
-
-    Returns
-    -------
-    dx : ndarray, same shape, dtype and memory layout as x
-    dgamma : ndarray of shape (C,), float64, or None when forward had no gamma
-    dbeta : ndarray of shape (C,), float64, or None when forward had no beta
+    dy has the shape of the forward input; the cache (from :func:`forward_train` or
+    :func:`forward_eval`) is not modified, so backward may be called on it more than once.
+    Returns dx (x's shape, dtype and memory layout), then dgamma and dbeta, float64 (C,), each
+    None when forward had no gamma or beta.
 
     Notes
     -----

@@ -151,10 +151,11 @@ class BatchNorm:
             In training mode, when a channel's batch mean or variance is NaN or inf; names the
             channels; nothing changes.
         """
-        xa = _validate.layer_input(x, self.num_features, self.axis)
+        # The kernel checks x; the layer adds only what the kernel cannot know.
+        _validate.layer_channels(x, self.num_features, self.axis)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
-            y, cache = forward_train(xa, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+            y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
             if self.training:
                 _validate.finite_statistics(cache.mean, cache.var)
                 for observe in self._observers:
@@ -164,7 +165,7 @@ class BatchNorm:
         else:
             assert self.running_mean is not None and self.running_var is not None
             y, cache = forward_eval(
-                xa,
+                x,
                 self.gamma,
                 self.beta,
                 self.running_mean,

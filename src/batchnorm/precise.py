@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _validate
-from batchnorm.functional import BatchNormCache, merge_moments, moments
+from batchnorm.functional import BatchNormCache, combine_moments, moments
 from batchnorm.layer import BatchNorm
 
 __all__ = ["MODES", "LayerSummary", "PopulationStats", "precise_bn"]
@@ -99,7 +99,7 @@ class PopulationStats:
     ) -> None:
         # Finite inputs can still pool to inf (means ~1e154 apart): refused, nothing changes.
         with np.errstate(over="ignore", invalid="ignore"):
-            pooled = merge_moments(self._mean, self._var, self.count, mean, var, count)
+            pooled = combine_moments((self._mean, mean), (self._var, var), (self.count, count))
         _validate.pooled_statistics(pooled[0], pooled[1])
         self._mean, self._var, self.count = pooled
         self.num_batches += n

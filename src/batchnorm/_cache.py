@@ -1,0 +1,69 @@
+"""The record that links a forward call to its backward (private; public as
+``batchnorm.BatchNormCache``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.floating[Any]]
+Vector = NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class BatchNormCache:
+    """What the backward stages need from one forward call, and the statistics it used.
+
+    Attributes
+    ----------
+    mean, var : ndarray of shape (C,), float64
+        The statistics x was normalized with: after :func:`~batchnorm.forward_train` the mean
+        and the *biased* variance of the whole normalization batch (x itself, or the batch
+        given by ``stats=``); after :func:`~batchnorm.forward_eval` the given statistics.
+    count : int
+        m, the number of values per channel of the whole normalization batch.
+    invstd : ndarray of shape (C,), float64
+        ``1 / sqrt(var + eps)``.
+    training : bool
+        True for a cache from forward_train, False for forward_eval.
+    eps : float
+    axis : int
+        The channel axis, as a non-negative int.
+    shape : tuple of int
+        The shape of x (and of y, dy and dx).
+    dtype : numpy.dtype
+        The dtype of x (and of y and dx).
+    gamma : ndarray of shape (C,), float64, or None
+        A copy of the scale, or None for a call without gamma.
+    has_beta : bool
+        Whether beta was given (then backward returns dbeta, else None).
+    """
+
+    mean: Vector
+    var: Vector
+    count: int
+    invstd: Vector
+    training: bool
+    eps: float
+    axis: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    gamma: Vector | None
+    has_beta: bool
+    # x - shift as (P, C, S) in the working dtype, owned by the cache; None for an eval cache
+    # without gamma, whose backward (dx = dy * invstd) needs no x.
+    _data: Array | None
+    # The per-channel value subtracted from x to make _data (float64, exact in its dtype).
+    _shift: Vector
+    # Whether (P, C, S) was taken channels-last (_layout.pcs), so that dx keeps x's layout.
+    _moved: bool
+
+    def __repr__(self) -> str:
+        mode = "train" if self.training else "eval"
+        return (
+            f"BatchNormCache({mode}, shape={self.shape}, dtype={self.dtype}, axis={self.axis}, "
+            f"count={self.count}, eps={self.eps:g}, affine={self.gamma is not None})"
+        )
