@@ -65,13 +65,18 @@ import numpy as np
 import batchnorm as bn
 
 SHAPES: tuple[tuple[int, ...], ...] = (
+    (64, 32),
+    (64, 128),
+    (128, 64, 8, 8),
     (32, 64, 56, 56),
     (32, 256, 14, 14),
     (8, 512, 7, 7),
     (256, 1024),
     (4096, 64),
 )
-QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((8, 4, 5, 5), (64, 16))
+QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((8, 4, 5, 5), (64, 16), (64, 8, 8, 8))
+# Sizes (values per array) for --crossover, around the lean/streaming switch.
+CROSSOVER_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
 EPS = 1e-5
 
 
@@ -231,7 +236,12 @@ def bench_shape(
         y, cache = textbook_forward(x, gamma_c, beta_c)
         return y, textbook_backward(dy, cache)
 
-    fns: dict[str, Callable[[], Any]] = {"ours": ours, "textbook": textbook}
+    buffer = np.empty_like(x)
+
+    def copy() -> Any:
+        np.copyto(buffer, x)
+
+    fns: dict[str, Callable[[], Any]] = {"ours": ours, "textbook": textbook, "copy": copy}
     if torch is not None:
         step = torch_step(torch, x, gamma, beta, dy)
         fns["torch1"] = step
@@ -294,6 +304,8 @@ def bench_shape(
         "ours_s": train["ours"],
         "textbook_s": train["textbook"],
         "textbook_over_ours": train["textbook"] / train["ours"],
+        "copy_s": train["copy"],
+        "ours_over_traffic": train["ours"] / (4 * train["copy"]),
         "fwd_peak_x": fwd_mem,
         "bwd_peak_x": bwd_mem,
         "textbook_fwd_peak_x": tb_fwd_mem,
@@ -312,14 +324,48 @@ def bench_shape(
         row["ours_over_torch1"] = train["ours"] / train["torch1"]
         row["ours_over_torchN"] = train["ours"] / train["torchN"]
 
-    # Accuracy far from zero, float32 only (in float64 both are exact to ~1e-12).
+    # Accuracy at offsets 0 and 1e4, float32 only (in float64 both are exact to ~1e-12).
     if np.dtype(dtype) == np.float32:
-        xo = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-        ref = float64_reference(xo)
-        row["err_ours"] = float(np.max(np.abs(bn.forward_train(xo)[0] - ref)))
-        if torch is not None:
-            row["err_torch"] = float(np.max(np.abs(torch_forward(torch, xo) - ref)))
+        for key, offset in (("err0", 0.0), ("err", 1e4)):
+            xo = (offset + rng.standard_normal(shape)).astype(np.float32)
+            ref = float64_reference(xo)
+            row[f"{key}_ours"] = float(np.max(np.abs(bn.forward_train(xo)[0] - ref)))
+            if torch is not None:
+                row[f"{key}_torch"] = float(np.max(np.abs(torch_forward(torch, xo) - ref)))
     return row
+
+
+def crossover(dtype: np.dtype[Any], rounds: int, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """A training step done the lean way against the streaming way, at sizes around the
+    switch (batchnorm._layout.LEAN_VALUES), for (N, 64) and (N, 16, 4, 4) arrays: where the
+    lean road stops being faster is where the switch belongs."""
+    from batchnorm import _layout
+
+    saved = _layout.LEAN_VALUES
+    rows = []
+    try:
+        for size in sizes:
+            for tail in ((64,), (16, 4, 4)):
+                shape = (max(2, size // math.prod(tail)), *tail)
+                rng = np.random.default_rng(0)
+                x = rng.standard_normal(shape).astype(dtype)
+                dy = rng.standard_normal(shape).astype(dtype)
+
+                def step(lean: int, x: np.ndarray = x, dy: np.ndarray = dy) -> Callable[[], Any]:
+                    def run() -> Any:
+                        _layout.LEAN_VALUES = lean
+                        _, cache = bn.forward_train(x, np.ones(x.shape[1]), np.zeros(x.shape[1]))
+                        return bn.backward(dy, cache)
+
+                    return run
+
+                t = best_times({"lean": step(1 << 62), "streaming": step(-1)}, rounds)
+                rows.append(
+                    {"shape": list(shape), "lean_over_streaming": t["lean"] / t["streaming"]}
+                )
+    finally:
+        _layout.LEAN_VALUES = saved
+    return rows
 
 
 def precise_overhead(dtype: np.dtype[Any], rounds: int, quick: bool) -> dict[str, float]:
@@ -367,6 +413,7 @@ def geomean(values: Sequence[float]) -> float:
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = (
         "textbook_over_ours",
+        "ours_over_traffic",
         "ours_over_torch1",
         "ours_over_torchN",
         "eval_over_muladd",
@@ -396,20 +443,23 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
             ("ours/tN", ">7", lambda r: f"{r['ours_over_torchN']:.2f}"),
         ]
     cols += [
+        ("ours/4cp", ">8", lambda r: f"{r['ours_over_traffic']:.2f}"),
         ("fwd mem", ">7", lambda r: f"{r['fwd_peak_x']:.2f}"),
         ("bwd mem", ">7", lambda r: f"{r['bwd_peak_x']:.2f}"),
         ("eval/ma", ">7", lambda r: f"{r['eval_over_muladd']:.2f}"),
         ("eval/sc", ">7", lambda r: f"{r['eval_over_scalars']:.2f}"),
         ("ev0/ma", ">6", lambda r: f"{r['eval_plain_over_muladd']:.2f}"),
-        ("err ours", ">8", lambda r: f"{r['err_ours']:.1e}" if "err_ours" in r else "-"),
     ]
-    if has_torch:
-        cols.append(("err t", ">8", lambda r: f"{r['err_torch']:.1e}" if "err_torch" in r else "-"))
+    for key, label in (("err0", "err0"), ("err", "err")):
+        cols.append((f"{label} ours", ">9", _error(f"{key}_ours")))
+        if has_torch:
+            cols.append((f"{label} t", ">8", _error(f"{key}_torch")))
     lines = ["  ".join(f"{name:{fmt}}" for name, fmt, _ in cols)]
     lines += ["  ".join(f"{get(r):{fmt}}" for _, fmt, get in cols) for r in rows]
     lines.append("")
     labels = {
         "textbook_over_ours": "textbook / ours (speed-up, goal >= 3)",
+        "ours_over_traffic": "ours / 4 copies of x (memory-traffic floor)",
         "ours_over_torch1": "ours / torch, 1 thread (goal <= 1.0)",
         "ours_over_torchN": "ours / torch, all threads",
         "eval_over_muladd": "eval / multiply-add (goal <= 1.2)",
@@ -420,7 +470,13 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, float]) -> str:
     lines += [f"  {labels[k]:<42} {v:.2f}" for k, v in summary.items()]
     tb_mem = max(max(r["textbook_fwd_peak_x"], r["textbook_bwd_peak_x"]) for r in rows)
     lines.append(f"  (textbook peak memory, largest of fwd/bwd: {tb_mem:.2f} x input)")
+    slowest = min(r["textbook_over_ours"] for r in rows)
+    lines.append(f"  (textbook / ours on the shape where it is smallest: {slowest:.2f})")
     return "\n".join(lines)
+
+
+def _error(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[key]:.1e}" if key in r else "-"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -441,7 +497,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a shape such as 32,64,56,56 (repeatable; channel axis 1)",
     )
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument(
+        "--crossover", action="store_true", help="only time the lean against the streaming road"
+    )
     args = parser.parse_args(argv)
+    dtype = np.dtype(args.dtype)
+    if args.crossover:
+        sizes = CROSSOVER_SIZES[:2] if args.quick else CROSSOVER_SIZES
+        rows = crossover(dtype, args.rounds or (3 if args.quick else 30), sizes)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=2)
+            print()
+            return 0
+        print("lean / streaming time of a training step (< 1: the lean road is faster)")
+        for r in rows:
+            shape = "(" + ", ".join(map(str, r["shape"])) + ")"
+            print(
+                f"  {shape:<18} {math.prod(r['shape']):>8} values  {r['lean_over_streaming']:.2f}"
+            )
+        return 0
 
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     rounds = args.rounds or (3 if args.quick else 30)
@@ -449,7 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch is not None:
         torch.set_grad_enabled(False)
         torch.set_num_threads(1)
-    dtype = np.dtype(args.dtype)
 
     rows = [bench_shape(tuple(s), dtype, rounds, torch) for s in shapes]
     summary = summarize(rows)

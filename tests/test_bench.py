@@ -39,8 +39,18 @@ ROW_KEYS = {
     "muladd_scalars_s",
     "eval_over_scalars",
     "err_ours",
+    "err0_ours",
+    "copy_s",
+    "ours_over_traffic",
 }
-TORCH_ROW_KEYS = {"torch1_s", "torchN_s", "ours_over_torch1", "ours_over_torchN", "err_torch"}
+TORCH_ROW_KEYS = {
+    "torch1_s",
+    "torchN_s",
+    "ours_over_torch1",
+    "ours_over_torchN",
+    "err_torch",
+    "err0_torch",
+}
 
 
 def run_quick(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,7 +97,7 @@ def test_quick_json_has_the_expected_keys(extra: tuple[str, ...]) -> None:
     assert all(ratio > 0 for ratio in report["precise_bn"].values())
     with_torch = HAS_TORCH and not extra
     assert (report["env"]["torch"] is not None) == with_torch
-    assert [row["shape"] for row in report["rows"]] == [[8, 4, 5, 5], [64, 16]]
+    assert [row["shape"] for row in report["rows"]] == [[8, 4, 5, 5], [64, 16], [64, 8, 8, 8]]
     for row in report["rows"]:
         expected = ROW_KEYS | (TORCH_ROW_KEYS if with_torch else set())
         assert set(row) == expected
@@ -95,8 +105,17 @@ def test_quick_json_has_the_expected_keys(extra: tuple[str, ...]) -> None:
         for key in expected - {"shape", "dtype"}:
             assert row[key] > 0, (key, row[key])
     means = set(report["geomean"])
-    assert {"textbook_over_ours", "eval_over_muladd"} <= means
+    assert {"textbook_over_ours", "eval_over_muladd", "ours_over_traffic"} <= means
     assert ("ours_over_torch1" in means) == with_torch
+
+
+@pytest.mark.slow
+def test_crossover_times_both_roads() -> None:
+    result = run_quick("--crossover", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["shape"] for row in rows] == [[64, 64], [16, 16, 4, 4], [128, 64], [32, 16, 4, 4]]
+    assert all(row["lean_over_streaming"] > 0 for row in rows)
 
 
 @pytest.mark.parametrize("shape", [(16, 5), (4, 3, 5, 6)])

@@ -32,7 +32,7 @@ _R = TypeVar("_R")
 
 # Largest x (values, all channels together) done the lean way. Measured: the lean road is
 # faster up to about this size (python benchmarks/bench.py --crossover; docs/performance.md).
-LEAN_VALUES = 1 << 15
+LEAN_VALUES = 1 << 13
 _F64 = np.dtype(np.float64)
 
 
@@ -94,11 +94,13 @@ def centred_moments(
     shift = _sum(data)
     shift /= count
     data -= shift[:, None]
+    var = _dot(data, data)
+    var /= count
+    if x3.dtype != _F64:  # float32 values: the float64 mean is exact to far below their ulp
+        return data, shift, np.zeros_like(shift), var
     # The two-pass algorithm with its correction term: resid is what rounding left of the mean.
     resid = _sum(data)
     resid /= count
-    var = _dot(data, data)
-    var /= count
     var -= resid * resid
     return data, shift, resid, np.maximum(var, 0.0, out=var)
 
@@ -198,7 +200,7 @@ def _sum(a: Array) -> Vector:
 
 def _dot(a: Array, b: Array) -> Vector:
     """Per-channel sum of a * b for small (P, C, S) float64 arrays."""
-    if a.shape[2] == 1:
+    if a.shape[2] == 1 and a.shape[1] < 64:  # narrow rows: BLAS beats einsum's loop
         return _sum(a * b)
     total: Vector = np.einsum("pcs,pcs->c", a, b)
     return total

@@ -44,7 +44,7 @@ _ROW_LENGTH = 16384
 _ROW_MAX_BYTES = 1 << 20
 _MIN_ROWS = 8
 # Largest number of rows BLAS sums in the compute dtype before float64 takes over.
-_BLAS_TERMS = 256
+_BLAS_TERMS = 64
 # Largest run of one feature map summed in the compute dtype (bounds float32 rounding growth).
 _ROW_TERMS = 4096
 # Values per channel in the leading sample that estimates the shift.
