@@ -104,12 +104,13 @@ def combine_moments(
     """
     mu, sigma2, parts = _validate.parts(means, vars, counts)
     total = sum(parts)
-    nonempty = [i for i, n in enumerate(parts) if n]
+    nonempty = [i for i, n in enumerate(parts) if n]  # empty parts take no part at all
     if len(nonempty) <= 1:
         if not nonempty:
             return np.zeros(mu.shape[1]), np.zeros(mu.shape[1]), 0
         return mu[nonempty[0]].copy(), sigma2[nonempty[0]].copy(), total
-    weights = np.array(parts, dtype=np.float64)[:, None] / total
+    mu, sigma2 = mu[nonempty], sigma2[nonempty]
+    weights = np.array([parts[i] for i in nonempty], dtype=np.float64)[:, None] / total
     mean: Vector = (weights * mu).sum(axis=0)
     spread = mu - mean
     var: Vector = (weights * (sigma2 + spread * spread)).sum(axis=0)
