@@ -133,17 +133,6 @@ def training_batch(shape: tuple[int, ...], axis: int) -> int:
     return count
 
 
-def statistics_batch(shape: tuple[int, ...], axis: int) -> int:
-    """Check that a batch has at least one value per channel; return that count."""
-    count = eval_batch(shape, axis)
-    if count == 0:
-        raise ValueError(
-            f"x holds no values per channel (shape {shape}); statistics of an empty batch "
-            "are undefined. Skip empty batches."
-        )
-    return count
-
-
 def eval_batch(shape: tuple[int, ...], axis: int) -> int:
     """Return the number of values per channel of an eval-mode input (may be 0)."""
     if shape[axis] == 0:
@@ -559,12 +548,8 @@ def parts(
     means: Any, variances: Any, counts: Any
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], list[int]]:
     """Check combine_moments' inputs: (k, C) means and variances, k counts >= 0."""
-    mu = np.asarray(means)
-    sigma2 = np.asarray(variances)
-    try:
-        parts_counts = [value_count(n) for n in counts]
-    except TypeError as err:
-        raise TypeError(f"counts must be a sequence of ints >= 0, one per part; {err}") from None
+    mu, sigma2 = np.asarray(means), np.asarray(variances)
+    parts_counts = [value_count(n) for n in counts]
     k = len(parts_counts)
     for name, arr in (("means", mu), ("vars", sigma2)):
         if arr.dtype.kind not in "iuf":
