@@ -5,11 +5,14 @@ Every rank holds a part of the given shape (the per-worker batch; the bench's co
 
 * ``local``: ``bn.forward_train`` + ``bn.backward`` on its part (no communication);
 * ``sync``: ``dist.forward_train`` + ``dist.backward`` over the group (two allgathers of O(C)
-  values each, the statistics of every rank's part).
+  values each, the statistics of every rank's part);
+* ``alone``: the same synchronized kernels on a thread group of one: the staged arithmetic
+  without any communication or waiting, to tell the two costs apart.
 
 Each keeps its best round (``time.perf_counter``); the ranks meet in an allgather before each
 timed call, so that a synchronized step is not charged for a rank that started late. Rank 0
-prints the times, the ratio sync/local, and the bytes each rank sends per step.
+prints the slowest rank's times, the ratios sync/local and alone/local, and the bytes each rank
+sends per step.
 
 Usage::
 
@@ -76,17 +79,25 @@ def measure(group: Any, shape: tuple[int, ...], dtype: str, rounds: int) -> dict
         _, cache = dist.forward_train(x, gamma, beta, group)
         return dist.backward(dy, cache, group)
 
-    best = best_of(group, {"local": local, "sync": sync}, rounds)
+    solo = dist.thread_groups(1)[0]
+
+    def alone() -> object:
+        _, cache = dist.forward_train(x, gamma, beta, solo)
+        return dist.backward(dy, cache, solo)
+
+    best = best_of(group, {"local": local, "sync": sync, "alone": alone}, rounds)
     # Slowest rank's best: a synchronized step is as fast as its slowest rank.
-    worst = [float(max(p[i] for p in group.allgather(np.array(list(best.values())))))
-             for i in range(2)]  # fmt: skip
+    parts = group.allgather(np.array(list(best.values())))
+    worst = np.max(parts, axis=0)
     return {
         "ranks": group.size,
         "shape": list(shape),
         "dtype": dtype,
         "local_ms": worst[0] * 1e3,
         "sync_ms": worst[1] * 1e3,
+        "alone_ms": worst[2] * 1e3,
         "ratio": worst[1] / worst[0],
+        "ratio_alone": worst[2] / worst[0],
         # float64 payload per rank: status, C, count, mean, var / status, C, 2C sums.
         "bytes_forward": 8 * (3 + 2 * c),
         "bytes_backward": 8 * (2 + 2 * c),
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs="+", default=[32, 256, 14, 14])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="shape (8, 16, 4, 4), 3 rounds")
     args = p.parse_args(argv)
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"{result['ranks']} ranks, part {tuple(shape)} {args.dtype} per rank: "
                 f"local {result['local_ms']:.2f} ms, sync {result['sync_ms']:.2f} ms, "
-                f"sync/local {result['ratio']:.2f}; sent per rank and step: forward "
+                f"alone {result['alone_ms']:.2f} ms; sync/local {result['ratio']:.2f}, "
+                f"alone/local {result['ratio_alone']:.2f}; sent per rank and step: forward "
                 f"{result['bytes_forward']} B, backward {result['bytes_backward']} B"
             )
     return result

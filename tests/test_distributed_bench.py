@@ -24,6 +24,7 @@ def check(result: dict[str, object], ranks: int) -> None:
     local, sync = float(result["local_ms"]), float(result["sync_ms"])  # type: ignore[arg-type]
     assert local > 0 and sync > 0
     assert result["ratio"] == pytest.approx(sync / local)
+    assert float(result["alone_ms"]) > 0  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
