@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import distributed as dist
@@ -33,6 +35,8 @@ def _load_checks() -> ModuleType:
 
 
 checks = _load_checks()
+# Ranks with fewer batches than asked warn (checked below); the checks give them few on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:precise_bn. asked for:UserWarning")
 
 
 def run_ranks(size: int, work: Callable[[Any], Any], timeout: float = 30.0) -> list[Any]:
@@ -160,6 +164,15 @@ def test_a_group_that_returns_the_wrong_list_is_reported() -> None:
         dist.forward_train(np.ones((3, 2)), None, None, Broken())
 
 
+@pytest.mark.filterwarnings("default")
+def test_a_rank_with_fewer_batches_warns_about_its_own() -> None:
+    layer = bn.BatchNorm(2)
+    with pytest.warns(UserWarning, match="data of this rank gave only 1; the statistics are "
+                      "those of every rank's batches"):  # fmt: skip
+        bn.precise_bn(layer, [np.ones((3, 2))], 5, group=dist.thread_groups(1)[0])
+    assert layer.running_mean is not None and np.array_equal(layer.running_mean, np.ones(2))
+
+
 def test_the_group_is_not_saved(tmp_path: Path) -> None:
     layer = bn.BatchNorm(2, group=dist.thread_groups(1)[0])
     assert bn.BatchNorm.load(layer.save(tmp_path / "layer")).group is None
@@ -191,3 +204,31 @@ def test_mpigroup_without_mpi4py_says_how_to_install() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'batchnorm[mpi]'" in done.stdout
+
+
+# --- any split of a batch -------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 4), min_size=1, max_size=4).filter(lambda s: sum(s) >= 2),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_gives_the_whole_batch_result(sizes: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(rng.uniform(-5, 5), rng.uniform(0.1, 5), size=(sum(sizes), 3, 2))
+    dy = rng.normal(size=x.shape)
+    y_ref, cache = bn.forward_train(x, np.ones(3), np.zeros(3))
+    dx_ref, _, _ = bn.backward(dy, cache)
+    bounds = np.cumsum([0, *sizes])
+
+    def work(group: Any) -> tuple[Any, Any]:
+        part = slice(bounds[group.rank], bounds[group.rank + 1])
+        y, c = dist.forward_train(x[part], np.ones(3), np.zeros(3), group)
+        return y, dist.backward(dy[part], c, group)[0]
+
+    results = run_ranks(len(sizes), work)
+    y = np.concatenate([r[0] for r in results])
+    dx = np.concatenate([r[1] for r in results])
+    checks.close(y, y_ref, "y")
+    checks.close(dx, dx_ref, "dx")

@@ -138,11 +138,11 @@ def backward(
     A cache from ``forward_eval`` needs no other rank (its statistics are constants): it is
     differentiated locally, without communication.
     """
-    _validate.cache_type(cache, F.BatchNormCache)
-    if not cache.training:
+    if isinstance(cache, F.BatchNormCache) and not cache.training:
         return F.backward(dy, cache)
 
     def local() -> tuple[tuple[Vector, Vector], Vector]:
+        _validate.cache_type(cache, F.BatchNormCache)
         sums = F.backward_sums(dy, cache)
         return sums, np.concatenate(([len(sums[0])], *sums))
 

@@ -241,7 +241,7 @@ def forward_train(
     >>> y.ravel(), cache.count
     (array([-1.,  1.]), 2)
     """
-    return _exchange.forward_train(x, gamma, beta, group, eps=eps, axis=axis)
+    return _exchange.forward_train(x, gamma, beta, _validate.group_value(group), eps=eps, axis=axis)
 
 
 def backward(
@@ -268,7 +268,8 @@ def backward(
     Raises
     ------
     ValueError, TypeError
-        On every rank when any rank's dy has the wrong shape or dtype.
+        On every rank when any rank's dy has the wrong shape or dtype, or its cache is not a
+        BatchNormCache.
 
     Notes
     -----
@@ -290,7 +291,7 @@ def backward(
     >>> dbeta
     array([3.])
     """
-    return _exchange.backward(dy, cache, group)
+    return _exchange.backward(dy, cache, _validate.group_value(group))
 
 
 def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:

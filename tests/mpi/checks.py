@@ -248,6 +248,10 @@ def check_bad_dy_raises_everywhere(group: dist.Group) -> None:
     raises_everywhere(group, bad_rank, ValueError, "dy must have the shape",
                       lambda: layer.backward(dy))  # fmt: skip
     unchanged(layer, before)
+    assert layer._cache is not None
+    cache = None if group.rank == bad_rank else layer._cache
+    raises_everywhere(group, bad_rank, TypeError, "cache must be the BatchNormCache",
+                      lambda: dist.backward(np.ones_like(y), cache, group))  # fmt: skip
 
 
 def check_too_few_values_raise_everywhere(group: dist.Group) -> None:
