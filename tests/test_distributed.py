@@ -140,6 +140,17 @@ def test_a_group_needs_rank_size_and_allgather(group: Any) -> None:
         dist.synchronize([bn.BatchNorm(2)], group)
 
 
+def test_the_kernels_need_a_group() -> None:
+    x = np.ones((3, 2))
+    with pytest.raises(TypeError, match="group must be"):
+        dist.forward_train(x, None, None, None)  # type: ignore[arg-type]
+    _, cache = bn.forward_train(x + np.arange(3)[:, None], None, None)
+    with pytest.raises(TypeError, match="group must be"):
+        dist.backward(x, cache, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group must be"):
+        bn.PopulationStats(2).allreduce(None)  # type: ignore[arg-type]
+
+
 def test_a_user_group_works() -> None:
     class Solo:
         rank, size = 0, 1

@@ -636,9 +636,9 @@ def sums_need_data() -> ValueError:
 RANK_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, FloatingPointError)
 
 
-def group_value(group: Any) -> Any:
+def group_value(group: Any, optional: bool = True) -> Any:
     """Check a group of workers: integer rank and size with 0 <= rank < size, and allgather."""
-    if group is None:
+    if group is None and optional:
         return None
     rank, size = getattr(group, "rank", None), getattr(group, "size", None)
     ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (rank, size))

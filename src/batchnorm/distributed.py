@@ -241,7 +241,9 @@ def forward_train(
     >>> y.ravel(), cache.count
     (array([-1.,  1.]), 2)
     """
-    return _exchange.forward_train(x, gamma, beta, _validate.group_value(group), eps=eps, axis=axis)
+    return _exchange.forward_train(
+        x, gamma, beta, _validate.group_value(group, False), eps=eps, axis=axis
+    )
 
 
 def backward(
@@ -291,7 +293,7 @@ def backward(
     >>> dbeta
     array([3.])
     """
-    return _exchange.backward(dy, cache, _validate.group_value(group))
+    return _exchange.backward(dy, cache, _validate.group_value(group, False))
 
 
 def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:

@@ -106,7 +106,7 @@ class PopulationStats:
         >>> stats.count
         3
         """
-        checked = _validate.group_value(group)
+        checked = _validate.group_value(group, False)
         (pooled,), tallies = _exchange.pool(
             checked, [(self._mean, self._var, self.count)], [self.num_batches],
             what="PopulationStats.allreduce",
