@@ -21,6 +21,7 @@ MODULES = [
     "batchnorm.precise",
     "batchnorm.gradcheck",
     "batchnorm.fold",
+    "batchnorm.distributed",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that
@@ -37,7 +38,7 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_every_public_name_has_an_example() -> None:
-    exempt = {"BatchNormCache", "__version__", "fold", "gradcheck"}
+    exempt = {"BatchNormCache", "__version__", "distributed", "fold", "gradcheck"}
     for name in set(batchnorm.__all__) - exempt:
         doc = getattr(batchnorm, name).__doc__ or ""
         assert ">>>" in doc, f"batchnorm.{name} has no example in its docstring"

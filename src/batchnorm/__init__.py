@@ -3,10 +3,11 @@
 The kernels (``forward_train``, ``forward_eval``, ``backward``) hold all the math; the
 ``BatchNorm`` layer keeps parameters and running statistics; ``precise_bn`` recomputes
 population statistics after training. Submodules ``gradcheck`` and ``fold`` hold the gradient
-checks and the folding of BatchNorm into a preceding linear or conv layer.
+checks and the folding of BatchNorm into a preceding linear or conv layer; ``distributed`` holds
+synchronized BatchNorm across workers (MPI or threads; mpi4py is imported only by MPIGroup).
 """
 
-from batchnorm import fold, gradcheck
+from batchnorm import distributed, fold, gradcheck
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
@@ -19,6 +20,7 @@ __all__ = [
     "PopulationStats",
     "__version__",
     "backward",
+    "distributed",
     "fold",
     "forward_eval",
     "forward_train",

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _exchange, _validate
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 
 __all__ = ["BatchNorm", "LoadResult"]
@@ -69,6 +69,13 @@ class BatchNorm:
         output is always normalized with the biased batch variance.
     axis : int, default 1
         The channel axis; -1 for channels-last.
+    group : group of workers, optional
+        Synchronized BatchNorm (see :mod:`batchnorm.distributed`): in training mode the batch
+        statistics are those of every rank's part together (one allgather per forward and one
+        per backward), the running statistics are recorded from them with the whole group's
+        count m, bitwise the same on every rank, and ``dgamma``/``dbeta`` are this rank's
+        contributions (sum them over the ranks, as for any weight). Eval mode never
+        communicates. The group is not saved with the layer. None: this process alone.
 
     Attributes
     ----------
@@ -109,6 +116,7 @@ class BatchNorm:
         track_running_stats: bool = True,
         unbiased: bool = True,
         axis: int = 1,
+        group: _exchange.Group | None = None,
     ) -> None:
         self.num_features = _validate.num_features(num_features)
         self.eps = _validate.eps_value(eps)
@@ -117,6 +125,7 @@ class BatchNorm:
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")
         self.axis = _validate.axis_value(axis)
+        self.group: _exchange.Group | None = _validate.group_value(group)
         c = self.num_features
         self.gamma: NDArray[np.float64] | None = np.ones(c) if self.affine else None
         self.beta: NDArray[np.float64] | None = np.zeros(c) if self.affine else None
@@ -128,6 +137,7 @@ class BatchNorm:
         self.dbeta: NDArray[np.float64] | None = None
         self.training = True
         self._cache: BatchNormCache | None = None
+        self._cache_group: _exchange.Group | None = None  # the group of the cached forward
         # Called with the cache of every training-mode forward, after its statistics passed the
         # finiteness check: how precise_bn sees each call's batch statistics.
         self._observers: list[Callable[[BatchNormCache], None]] = []
@@ -151,11 +161,18 @@ class BatchNorm:
             In training mode, when a channel's batch mean or variance is NaN or inf; names the
             channels; nothing changes.
         """
-        # The kernel checks x; the layer adds only what the kernel cannot know.
-        _validate.layer_channels(x, self.num_features, self.axis)
+        group = self.group if self.training else None
         use_batch_stats = self.training or not self.track_running_stats
+        if group is not None:  # x is checked inside the exchange, which every rank joins
+            y, cache = _exchange.forward_train(
+                x, self.gamma, self.beta, group, eps=self.eps, axis=self.axis,
+                num_features=self.num_features,
+            )  # fmt: skip
+        else:  # the kernel checks x; the layer adds only what the kernel cannot know
+            _validate.layer_channels(x, self.num_features, self.axis)
+            if use_batch_stats:
+                y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
         if use_batch_stats:
-            y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
             if self.training:
                 _validate.finite_statistics(cache.mean, cache.var)
                 for observe in self._observers:
@@ -173,7 +190,7 @@ class BatchNorm:
                 eps=self.eps,
                 axis=self.axis,
             )
-        self._cache = cache
+        self._cache, self._cache_group = cache, group
         return y
 
     __call__ = forward
@@ -210,7 +227,10 @@ class BatchNorm:
         """
         if self._cache is None:
             raise _validate.backward_before_forward()
-        dx, dgamma, dbeta = backward(dy, self._cache)
+        if self._cache_group is not None:
+            dx, dgamma, dbeta = _exchange.backward(dy, self._cache, self._cache_group)
+        else:
+            dx, dgamma, dbeta = backward(dy, self._cache)
         self.dgamma, self.dbeta = dgamma, dbeta
         return dx
 
@@ -361,7 +381,9 @@ class BatchNorm:
             f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
             f"unbiased={self.unbiased}, axis={self.axis}, "
-            f"mode={'train' if self.training else 'eval'})"
+            f"mode={'train' if self.training else 'eval'}"
+            + ("" if self.group is None else f", group={self.group!r}")
+            + ")"
         )
 
 

@@ -11,19 +11,16 @@ bookkeeping. See docs/precise_bn.md.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
-import numbers
 import sys
-import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _exchange, _pass, _validate, _walk
 from batchnorm.functional import BatchNormCache, combine_moments, moments
 from batchnorm.layer import BatchNorm
 
@@ -94,6 +91,30 @@ class PopulationStats:
         _validate.same_population(self.num_features, other)
         self._merge(other._mean, other._var, other.count, other.num_batches)
 
+    def allreduce(self, group: _exchange.Group) -> None:
+        """Make every rank of `group` hold the statistics of everything every rank has seen.
+
+        Every rank calls this together (one allgather); the ranks' statistics are pooled in
+        rank order, so every rank ends with bitwise the same statistics and counts. A rank that
+        saw nothing takes part. Raises on every rank, changing nothing, when the ranks' channel
+        counts differ or the pooled statistics overflow.
+
+        >>> import numpy as np, batchnorm as bn
+        >>> stats = bn.PopulationStats(2)
+        >>> stats.update(np.ones((3, 2)))
+        >>> stats.allreduce(bn.distributed.thread_groups(1)[0])    # one rank: nothing to add
+        >>> stats.count
+        3
+        """
+        checked = _validate.group_value(group, False)
+        (pooled,), tallies = _exchange.pool(
+            checked, [(self._mean, self._var, self.count)], [self.num_batches],
+            what="PopulationStats.allreduce",
+        )  # fmt: skip
+        _validate.pooled_statistics(pooled[0], pooled[1])
+        self._mean, self._var, self.count = pooled
+        self.num_batches = sum(t[0] for t in tallies)
+
     def _merge(
         self, mean: NDArray[np.float64], var: NDArray[np.float64], count: int, n: int
     ) -> None:
@@ -151,6 +172,7 @@ def precise_bn(
     layers: Iterable[BatchNorm] | None = None,
     progress: bool = False,
     mode: str = "train",
+    group: _exchange.Group | None = None,
 ) -> list[LayerSummary]:
     """Set BatchNorm running statistics to the exact population statistics of the data.
 
@@ -179,6 +201,13 @@ def precise_bn(
 
         BatchNorm layers left out of ``layers`` keep their mode during the pass and are
         restored afterwards (when reachable from ``model`` as above).
+    group : group of workers, optional
+        Pool over every rank of a group (:mod:`batchnorm.distributed`), each calling
+        precise_bn with its own batches (``num_batches_precise`` per rank; any number, none
+        included). During the pass layers use this rank's batch statistics and never
+        communicate; afterwards each layer's statistics are pooled in rank order (sequential
+        mode: after each layer's pass), the same bits on every rank. An error on one rank is
+        raised on every rank, with every layer restored.
 
     Returns
     -------
@@ -191,8 +220,8 @@ def precise_bn(
         ``batches`` or ``layers`` is not iterable, or ``layers`` holds something else than
         BatchNorm layers.
     ValueError
-        No batches, no BatchNorm found, or no chosen layer was called by the model. Nothing
-        is changed then.
+        No batches (with a group: on no rank), no BatchNorm found, or no chosen layer was
+        called by the model (on any rank). Nothing is changed then.
     FloatingPointError
         A layer saw NaN or inf (or an overflowing variance) in its input. Every layer is
         restored as it was; so is any error raised by ``model``.
@@ -200,7 +229,8 @@ def precise_bn(
     Warns
     -----
     UserWarning
-        Fewer batches than ``num_batches_precise`` (then the statistics of what was seen), a
+        Fewer batches than ``num_batches_precise`` on this rank (then the statistics of what
+        was seen; a rank with none warns too when others had some), a
         chosen layer the model never called (its statistics are left as they were), or
         ``progress=True`` without tqdm.
 
@@ -227,41 +257,36 @@ def precise_bn(
     wanted = min(_validate.positive_count(num_batches_precise, "num_batches_precise"), sys.maxsize)
     _validate.precise_mode(mode, MODES)
     batches = _validate.batch_iterable(batches)
-    named = _find_layers(model) if layers is None else _named_layers(layers)
-    bar = _progress_bar() if progress else None
+    group = _validate.group_value(group)
+    named = _walk.find_layers(model) if layers is None else _walk.named_layers(layers)
+    bar = _pass.progress_bar() if progress else None
     # Every reachable BatchNorm is restored afterwards, not only the chosen ones: a layer left
     # out of `layers` but in training mode would otherwise record the pass in its running
     # statistics.
     chosen = {id(layer) for _, layer in named}
-    others = [layer for _, layer in _reachable(model) if id(layer) not in chosen]
+    others = [layer for _, layer in _walk.reachable(model) if id(layer) not in chosen]
     protected = [layer for _, layer in named] + others
-    saved = [_snapshot(layer) for layer in protected]
+    saved = [_pass.snapshot(layer) for layer in protected]
     try:
+        for layer in protected:  # no communication during the pass: pooled afterwards
+            layer.group = None
         if mode == "train":
-            _train_all(named)
-            results = _measure(model, batches, wanted, named, range(len(named)), bar)
+            _pass.train_all(named)
+            results, used = _measure(model, batches, wanted, named, range(len(named)), bar,
+                                     group=group)  # fmt: skip
         else:
-            results = _sequential(model, batches, wanted, named, bar)
+            results, used = _sequential(model, batches, wanted, named, bar, group)
     finally:
         for layer, state in zip(protected, saved, strict=True):
-            _restore(layer, state)
-    used = max(batches_used for _, _, batches_used in results.values())
+            _pass.restore(layer, state)
     if used < wanted:
         warnings.warn(
-            f"precise_bn: asked for num_batches_precise={wanted} batches but the data gave only "
-            f"{used}; the statistics are those of these {used} batches.",
-            UserWarning,
-            stacklevel=2,
+            _validate.fewer_batches(wanted, used, group is not None), UserWarning, stacklevel=2
         )
     summaries = []
     for index, (name, layer) in enumerate(named):
         if index not in results:
-            warnings.warn(
-                f"precise_bn: {name} was never called by model(batch); its running statistics "
-                "were left as they were.",
-                UserWarning,
-                stacklevel=2,
-            )
+            warnings.warn(_validate.never_called(name), UserWarning, stacklevel=2)
             continue
         stats, calls, used = results[index]
         assert layer.running_mean is not None and layer.running_var is not None
@@ -280,11 +305,13 @@ def _measure(
     bar: Callable[..., Iterable[Any]] | None,
     order: list[int] | None = None,
     description: str = "precise_bn",
-) -> dict[int, tuple[PopulationStats, int, int]]:
+    group: _exchange.Group | None = None,
+) -> tuple[dict[int, tuple[PopulationStats, int, int]], int]:
     """Run up to `wanted` batches, pooling the statistics of the `measured` layers.
 
     Returns {layer index: (stats, calls, batches used)} for the layers that were called, and
-    appends layer indices to `order` in the order of their first call.
+    the batches this rank used; appends layer indices to `order` in the order of their first
+    call. With a group, stats, calls, batches and order are every rank's, pooled.
     """
     stats = {i: PopulationStats(named[i][1].num_features) for i in measured}
     calls = dict.fromkeys(stats, 0)
@@ -303,17 +330,47 @@ def _measure(
     items: Iterable[Any] = itertools.islice(batches, wanted)
     if bar is not None:
         items = bar(items, total=wanted, desc=description)
+    failure: Exception | None = None
     with contextlib.ExitStack() as stack:
         for i in stats:
-            stack.enter_context(_observing(named[i][1], observer(i)))
-        for batch in items:
-            model(batch)
-            used += 1
-    if used == 0:
-        raise _validate.no_batches()
+            stack.enter_context(_pass.observing(named[i][1], observer(i)))
+        try:
+            for batch in items:
+                model(batch)
+                used += 1
+        except Exception as err:
+            if group is None:
+                raise
+            failure = err  # raised after telling the other ranks, in _pool
+    total = used if group is None else _pool(group, stats, calls, used, order, failure)
+    if total == 0:
+        raise _validate.no_batches() if group is None else _validate.precise_group_batches()
     if not any(calls.values()):
         raise _validate.layers_not_called([named[i][0] for i in stats])
-    return {i: (stats[i], calls[i], used) for i in stats if calls[i]}
+    return {i: (stats[i], calls[i], total) for i in stats if calls[i]}, used
+
+
+def _pool(
+    group: _exchange.Group,
+    stats: dict[int, PopulationStats],
+    calls: dict[int, int],
+    used: int,
+    order: list[int] | None,
+    failure: Exception | None,
+) -> int:
+    """Replace stats, calls and order by every rank's, pooled in rank order; return every
+    rank's batches. Raises on every rank if a rank failed or the pooled statistics overflow."""
+    parts = [(s._mean, s._var, s.count) for s in stats.values()]
+    tally = [used, *calls.values(), *(order or [])]
+    pooled, tallies = _exchange.pool(group, parts, tally, failure, "precise_bn")
+    for j, (i, (mean, var, count)) in enumerate(zip(stats, pooled, strict=True), start=1):
+        _validate.pooled_statistics(mean, var)
+        stats[i]._mean, stats[i]._var, stats[i].count = mean, var, count
+        calls[i] = stats[i].num_batches = sum(t[j] for t in tallies)
+    if order is not None:  # the first rank that called any layer gives the forward order
+        k = 1 + len(stats)
+        order[:] = next((t[k:] for t in tallies if len(t) > k), [])
+    return sum(t[0] for t in tallies)
 
 
 def _sequential(
@@ -322,137 +379,20 @@ def _sequential(
     wanted: int,
     named: list[tuple[str, BatchNorm]],
     bar: Callable[..., Iterable[Any]] | None,
-) -> dict[int, tuple[PopulationStats, int, int]]:
+    group: _exchange.Group | None,
+) -> tuple[dict[int, tuple[PopulationStats, int, int]], int]:
     """Measure layers one at a time in forward order; finished layers switch to eval mode."""
     kept = list(itertools.islice(batches, wanted))
-    _train_all(named)
+    _pass.train_all(named)
     order: list[int] = []
     # The first pass measures every layer; only the first layer in forward order keeps its
     # result, since its input does not depend on any other BatchNorm's statistics.
-    first = _measure(model, kept, wanted, named, range(len(named)), bar, order, "layer 1")
+    everything = range(len(named))
+    first, used = _measure(model, kept, wanted, named, everything, bar, order, "layer 1", group)
     results = {order[0]: first[order[0]]}
     for step, index in enumerate(order[1:], start=2):
         done = order[step - 2]
-        _finish(named[done][1], results[done][0])
-        again = _measure(model, kept, wanted, named, [index], bar, None, f"layer {step}")
+        _pass.finish(named[done][1], results[done][0])
+        again, _ = _measure(model, kept, wanted, named, [index], bar, None, f"layer {step}", group)
         results.update(again)
-    return results
-
-
-def _finish(layer: BatchNorm, stats: PopulationStats) -> None:
-    """Put a measured layer in eval mode with its new statistics (restored by the caller)."""
-    assert layer.running_mean is not None and layer.running_var is not None
-    np.copyto(layer.running_mean, stats.mean)
-    np.copyto(layer.running_var, stats.var(unbiased=layer.unbiased))
-    layer.eval()
-
-
-def _train_all(named: list[tuple[str, BatchNorm]]) -> None:
-    for _, layer in named:
-        layer.train()
-
-
-@contextlib.contextmanager
-def _observing(layer: BatchNorm, callback: Callable[[BatchNormCache], None]) -> Iterator[None]:
-    layer._observers.append(callback)
-    try:
-        yield
-    finally:
-        layer._observers.remove(callback)
-
-
-def _progress_bar() -> Callable[..., Iterable[Any]] | None:
-    """tqdm's progress bar, or None with a warning that says how to install it."""
-    try:
-        bar: Callable[..., Iterable[Any]] = importlib.import_module("tqdm.auto").tqdm
-    except ImportError:
-        warnings.warn(
-            "precise_bn(progress=True) needs tqdm for its progress bar: pip install tqdm (or "
-            "pip install 'batchnorm[progress]'). Continuing without a progress bar.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return None
-    return bar
-
-
-# --- finding the layers, saving and restoring their state ---------------------------------------
-
-
-def _named_layers(layers: Iterable[BatchNorm]) -> list[tuple[str, BatchNorm]]:
-    """The explicitly chosen layers, checked, without duplicates."""
-    named: list[tuple[str, BatchNorm]] = []
-    seen: set[int] = set()
-    for i, layer in enumerate(_validate.layer_list(layers, BatchNorm)):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            _validate.has_running_stats(layer.track_running_stats, f"layers[{i}]")
-            named.append((f"layers[{i}]", layer))
-    if not named:
-        raise _validate.no_layers_found()
-    return named
-
-
-_OPAQUE = (types.ModuleType, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
-
-
-def _find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
-    """Every BatchNorm with running statistics reachable from model, depth first, each once."""
-    found = [(path, layer) for path, layer in _reachable(model) if layer.track_running_stats]
-    if not found:
-        raise _validate.no_layers_found()
-    return found
-
-
-def _reachable(model: Any) -> list[tuple[str, BatchNorm]]:
-    """Every BatchNorm reachable from model through attributes, lists, tuples and dicts."""
-    found: list[tuple[str, BatchNorm]] = []
-    seen: set[int] = set()
-    stack: list[tuple[str, Any]] = [("model", model)]
-    while stack:
-        path, obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        children: list[tuple[str, Any]] = []
-        if isinstance(obj, BatchNorm):
-            found.append((path, obj))
-        elif isinstance(obj, dict):
-            children = [(f"{path}[{key!r}]", value) for key, value in obj.items()]
-        elif isinstance(obj, list | tuple):
-            children = [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
-        elif hasattr(obj, "__dict__") and not isinstance(obj, _OPAQUE):
-            children = [(f"{path}.{name}", value) for name, value in vars(obj).items()]
-        # Containers and plain objects only: skip numbers, strings and arrays early.
-        children = [(p, c) for p, c in children if not _is_leaf(c)]
-        stack.extend(reversed(children))
-    return found
-
-
-def _is_leaf(obj: Any) -> bool:
-    return isinstance(obj, numbers.Number | str | bytes | np.ndarray) or obj is None
-
-
-class _Snapshot(NamedTuple):
-    training: bool
-    momentum: float | None
-    num_batches_tracked: int | None
-    arrays: dict[str, NDArray[np.float64]]
-    cache: BatchNormCache | None
-
-
-def _snapshot(layer: BatchNorm) -> _Snapshot:
-    names = ("gamma", "beta", "running_mean", "running_var")
-    arrays = {n: getattr(layer, n).copy() for n in names if getattr(layer, n) is not None}
-    return _Snapshot(
-        layer.training, layer.momentum, layer.num_batches_tracked, arrays, layer._cache
-    )
-
-
-def _restore(layer: BatchNorm, state: _Snapshot) -> None:
-    layer.training = state.training
-    layer.momentum = state.momentum
-    layer.num_batches_tracked = state.num_batches_tracked
-    for name, value in state.arrays.items():
-        np.copyto(getattr(layer, name), value)
-    layer._cache = state.cache
+    return results, used

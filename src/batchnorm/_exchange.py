@@ -1,0 +1,210 @@
+"""The exchange of statistics within a group of workers, below every layer that needs it.
+
+Synchronized BatchNorm (``BatchNorm(group=...)``, :mod:`batchnorm.distributed`) and PreciseBN
+across workers send their per-channel statistics here. Every exchange is ONE
+``group.allgather`` of a float64 vector per rank that starts with a status flag: a rank whose
+local work raised sends the code of its error instead of its statistics, so that every rank
+learns of it in the same call and raises (the failing rank its own error, the others an error of
+the same type naming that rank). No rank ever waits for a rank that has given up, and nothing
+is changed anywhere before every rank knows the step succeeded.
+
+What arrives is combined in rank order (:func:`batchnorm.functional.combine_moments`, or a sum
+from rank 0 up), the same arithmetic on the same inputs, so every rank ends with bitwise the
+same statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from batchnorm import _validate
+from batchnorm import functional as F
+
+Vector = NDArray[np.float64]
+_T = TypeVar("_T")
+
+
+class Group(Protocol):
+    """A group of workers, as synchronized BatchNorm and PreciseBN use it.
+
+    Any object with these three members works (an MPI communicator wrapper, threads, your own
+    transport): ``rank`` in ``range(size)``, and ``allgather(array)``, which every rank calls
+    with a 1-D float64 array (the arrays of different ranks may differ in length) and which
+    returns the list of every rank's array, in rank order, on every rank.
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def allgather(self, array: Vector) -> list[Vector]: ...
+
+
+def gather(
+    group: Group, work: Callable[[], tuple[_T, Vector]], what: str
+) -> tuple[_T, list[Vector]]:
+    """Run this rank's `work`, then exchange its payload with a status flag in ONE allgather.
+
+    `work` returns (a value kept locally, the payload to send). Returns the value and every
+    rank's payload, in rank order, once every rank has succeeded; else raises on every rank.
+    """
+    failure: Exception | None = None
+    try:
+        value, payload = work()
+        message = np.concatenate(([0.0], np.asarray(payload, dtype=np.float64).ravel()))
+    except Exception as err:
+        failure = err
+        kinds = _validate.RANK_ERRORS
+        code = next((i + 1 for i, kind in enumerate(kinds) if isinstance(err, kind)), 0)
+        message = np.array([float(code or len(kinds) + 1)])
+    parts = _validate.gathered(group.allgather(message), group.size)
+    if failure is not None:
+        raise failure
+    failed = [r for r, part in enumerate(parts) if part.size == 0 or part[0] != 0.0]
+    if failed:
+        code = int(parts[failed[0]][0]) if parts[failed[0]].size else 0
+        kinds = _validate.RANK_ERRORS
+        kind = kinds[code - 1] if 1 <= code <= len(kinds) else RuntimeError
+        raise _validate.rank_failed(kind, failed, group.size, what)
+    return value, [part[1:] for part in parts]
+
+
+def widths(parts: list[Vector], what: str) -> int:
+    """The channel count C at the head of every rank's payload: the same on every rank."""
+    found = [int(part[0]) for part in parts]
+    if len(set(found)) != 1:
+        raise _validate.group_widths(found, what)
+    return found[0]
+
+
+# --- synchronized BatchNorm: forward, backward ----------------------------------------------------
+
+
+def forward_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    group: Group,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    num_features: int | None = None,
+) -> tuple[NDArray[np.floating[Any]], F.BatchNormCache]:
+    """Normalize this rank's part with the statistics of every rank's part (one allgather).
+
+    Local checks and ``F.moments``; send (C, count, mean, var); ``F.combine_moments`` in rank
+    order; ``F.forward_train(stats=...)``. `num_features`, when given, is the layer's C.
+    """
+
+    def local() -> tuple[NDArray[np.floating[Any]], Vector]:
+        xa = _validate.float_array(x)
+        if num_features is not None:
+            xa = _validate.layer_input(xa, num_features, axis)
+        ax = _validate.channel_axis(xa.shape, axis)
+        _validate.eps_value(eps)
+        c = xa.shape[ax]
+        for value, name in ((gamma, "gamma"), (beta, "beta")):
+            if value is not None:
+                _validate.per_channel(value, name, c)
+        mean, var, count = F.moments(xa, axis=ax)
+        _validate.finite_statistics(mean, var, "nothing was changed on any rank")
+        return xa, np.concatenate(([c, count], mean, var))
+
+    xa, parts = gather(group, local, "the synchronized forward pass")
+    c = widths(parts, "the synchronized forward pass")
+    counts = [int(part[1]) for part in parts]
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, var, count = F.combine_moments(
+            [part[2 : 2 + c] for part in parts], [part[2 + c :] for part in parts], counts
+        )
+    if count < 2:
+        raise _validate.group_batch(counts)
+    # Finite parts can still pool to inf; every rank sees the same result and raises alike.
+    _validate.finite_statistics(mean, var, "nothing was changed on any rank")
+    return F.forward_train(xa, gamma, beta, eps=eps, axis=axis, stats=(mean, var, count))
+
+
+def backward(
+    dy: ArrayLike, cache: F.BatchNormCache, group: Group
+) -> tuple[NDArray[np.floating[Any]], Vector | None, Vector | None]:
+    """dx of this rank's part from every rank's sums (one allgather); this rank's dgamma, dbeta.
+
+    A cache from ``forward_eval`` needs no other rank (its statistics are constants): it is
+    differentiated locally, without communication.
+    """
+    if isinstance(cache, F.BatchNormCache) and not cache.training:
+        return F.backward(dy, cache)
+
+    def local() -> tuple[tuple[Vector, Vector], Vector]:
+        _validate.cache_type(cache, F.BatchNormCache)
+        sums = F.backward_sums(dy, cache)
+        return sums, np.concatenate(([len(sums[0])], *sums))
+
+    (sum_dy, sum_dy_xhat), parts = gather(group, local, "the synchronized backward pass")
+    c = widths(parts, "the synchronized backward pass")
+    total_dy, total_dy_xhat = parts[0][1 : 1 + c].copy(), parts[0][1 + c :].copy()
+    for part in parts[1:]:  # rank order: the same additions on every rank
+        total_dy += part[1 : 1 + c]
+        total_dy_xhat += part[1 + c :]
+    dx = F.backward_input(dy, cache, total_dy, total_dy_xhat)
+    dgamma = None if cache.gamma is None else sum_dy_xhat
+    return dx, dgamma, sum_dy if cache.has_beta else None
+
+
+# --- population statistics: pooling every rank's parts --------------------------------------------
+
+
+Moments = tuple[Vector, Vector, int]
+
+
+def pool(
+    group: Group,
+    parts: list[Moments],
+    tallies: list[int],
+    failure: Exception | None = None,
+    what: str = "pooling statistics",
+) -> tuple[list[Moments], list[list[int]]]:
+    """Pool k sets of (mean, biased var, count) over the ranks, each in rank order.
+
+    `tallies` are integers sent along (counters, an order); every rank's come back in rank
+    order. `failure`, an error this rank met before the exchange, is raised here on this rank
+    and reported to the others. One allgather.
+    """
+
+    def local() -> tuple[None, Vector]:
+        if failure is not None:
+            raise failure
+        flat = [np.concatenate(([len(m), n], m, v)) for m, v, n in parts]
+        return None, np.concatenate(([len(parts), len(tallies)], *flat, tallies))
+
+    _, messages = gather(group, local, what)
+    pooled_parts: list[list[Moments]] = [[] for _ in parts]
+    all_tallies = []
+    for message in messages:
+        k, t = int(message[0]), int(message[1])
+        if k != len(parts):
+            raise _validate.group_parts([int(m[0]) for m in messages], what)
+        at = 2
+        for i in range(k):
+            c, n = int(message[at]), int(message[at + 1])
+            mean, var = message[at + 2 : at + 2 + c], message[at + 2 + c : at + 2 + 2 * c]
+            pooled_parts[i].append((mean, var, n))
+            at += 2 + 2 * c
+        all_tallies.append([int(v) for v in message[at : at + t]])
+    result = []
+    for ranks in pooled_parts:
+        found = [len(m) for m, _, _ in ranks]
+        if len(set(found)) != 1:
+            raise _validate.group_widths(found, what)
+        with np.errstate(over="ignore", invalid="ignore"):
+            pooled = F.combine_moments(
+                [m for m, _, _ in ranks], [v for _, v, _ in ranks], [n for _, _, n in ranks]
+            )
+        result.append(pooled)
+    return result, all_tallies

@@ -1,0 +1,84 @@
+"""The machinery of precise_bn's measuring passes over a model: each layer's state saved before
+and restored after, observers of its training-mode forward calls, modes, and a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from batchnorm.functional import BatchNormCache
+from batchnorm.layer import BatchNorm
+
+
+@contextlib.contextmanager
+def observing(layer: BatchNorm, callback: Callable[[BatchNormCache], None]) -> Iterator[None]:
+    """Call `callback` with the cache of each training-mode forward of `layer` meanwhile."""
+    layer._observers.append(callback)
+    try:
+        yield
+    finally:
+        layer._observers.remove(callback)
+
+
+class Snapshot(NamedTuple):
+    training: bool
+    momentum: float | None
+    num_batches_tracked: int | None
+    arrays: dict[str, NDArray[np.float64]]
+    cache: BatchNormCache | None
+    groups: tuple[Any, Any]
+
+
+def snapshot(layer: BatchNorm) -> Snapshot:
+    """Mode, momentum, counter, parameters, running statistics, last cache and group."""
+    names = ("gamma", "beta", "running_mean", "running_var")
+    arrays = {n: getattr(layer, n).copy() for n in names if getattr(layer, n) is not None}
+    groups = (layer.group, layer._cache_group)
+    return Snapshot(
+        layer.training, layer.momentum, layer.num_batches_tracked, arrays, layer._cache, groups
+    )
+
+
+def restore(layer: BatchNorm, state: Snapshot) -> None:
+    """Put back what :func:`snapshot` saved (writes that cannot fail)."""
+    layer.training = state.training
+    layer.momentum = state.momentum
+    layer.num_batches_tracked = state.num_batches_tracked
+    for name, value in state.arrays.items():
+        np.copyto(getattr(layer, name), value)
+    layer._cache = state.cache
+    layer.group, layer._cache_group = state.groups
+
+
+def train_all(named: list[tuple[str, BatchNorm]]) -> None:
+    for _, layer in named:
+        layer.train()
+
+
+def finish(layer: BatchNorm, stats: Any) -> None:
+    """Put a measured layer in eval mode with its new statistics (restored by the caller)."""
+    assert layer.running_mean is not None and layer.running_var is not None
+    np.copyto(layer.running_mean, stats.mean)
+    np.copyto(layer.running_var, stats.var(unbiased=layer.unbiased))
+    layer.eval()
+
+
+def progress_bar() -> Callable[..., Iterable[Any]] | None:
+    """tqdm's progress bar, or None with a warning that says how to install it."""
+    try:
+        bar: Callable[..., Iterable[Any]] = importlib.import_module("tqdm.auto").tqdm
+    except ImportError:
+        warnings.warn(
+            "precise_bn(progress=True) needs tqdm for its progress bar: pip install tqdm (or "
+            "pip install 'batchnorm[progress]'). Continuing without a progress bar.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return bar

@@ -1,0 +1,72 @@
+"""The walk that finds every BatchNorm in a model, for precise_bn and distributed.synchronize,
+and the check of an explicit list of layers.
+
+A model is any object: the walk follows attributes, lists, tuples and dicts depth first, visits
+each object once (cycles are safe), and never descends into numbers, strings, arrays, modules,
+classes or functions.
+"""
+
+from __future__ import annotations
+
+import numbers
+import types
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from batchnorm import _validate
+from batchnorm.layer import BatchNorm
+
+_OPAQUE = (types.ModuleType, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+
+
+def named_layers(layers: Iterable[BatchNorm]) -> list[tuple[str, BatchNorm]]:
+    """The explicitly chosen layers, checked, without duplicates."""
+    named: list[tuple[str, BatchNorm]] = []
+    seen: set[int] = set()
+    for i, layer in enumerate(_validate.layer_list(layers, BatchNorm)):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            _validate.has_running_stats(layer.track_running_stats, f"layers[{i}]")
+            named.append((f"layers[{i}]", layer))
+    if not named:
+        raise _validate.no_layers_found()
+    return named
+
+
+def find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
+    """Every BatchNorm with running statistics reachable from model, depth first, each once."""
+    found = [(path, layer) for path, layer in reachable(model) if layer.track_running_stats]
+    if not found:
+        raise _validate.no_layers_found()
+    return found
+
+
+def reachable(model: Any) -> list[tuple[str, BatchNorm]]:
+    """Every BatchNorm reachable from model, with the path to it (``model.layers[2]``)."""
+    found: list[tuple[str, BatchNorm]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("model", model)]
+    while stack:
+        path, obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        children: list[tuple[str, Any]] = []
+        if isinstance(obj, BatchNorm):
+            found.append((path, obj))
+        elif isinstance(obj, dict):
+            children = [(f"{path}[{key!r}]", value) for key, value in obj.items()]
+        elif isinstance(obj, list | tuple):
+            children = [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, _OPAQUE):
+            children = [(f"{path}.{name}", value) for name, value in vars(obj).items()]
+        # Containers and plain objects only: skip numbers, strings and arrays early.
+        children = [(p, c) for p, c in children if not _is_leaf(c)]
+        stack.extend(reversed(children))
+    return found
+
+
+def _is_leaf(obj: Any) -> bool:
+    return isinstance(obj, numbers.Number | str | bytes | np.ndarray) or obj is None

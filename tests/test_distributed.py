@@ -1,0 +1,251 @@
+"""Synchronized BatchNorm and PreciseBN across a group, on thread groups.
+
+The checks themselves (tests/mpi/checks.py) compare every rank's results with single-process
+BatchNorm on the concatenated batch; tests/test_distributed_mpi.py runs the same checks on MPI
+ranks. Here each rank is a thread of this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchnorm as bn
+from batchnorm import distributed as dist
+
+
+def _load_checks() -> ModuleType:
+    path = Path(__file__).resolve().parent / "mpi" / "checks.py"
+    spec = importlib.util.spec_from_file_location("distributed_checks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+checks = _load_checks()
+# Ranks with fewer batches than asked warn (checked below); the checks give them few on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:precise_bn. asked for:UserWarning")
+
+
+def run_ranks(size: int, work: Callable[[Any], Any], timeout: float = 30.0) -> list[Any]:
+    """work(group) on `size` threads, one rank each; every rank's result, or the first error."""
+    groups = dist.thread_groups(size, timeout=timeout)
+    results: list[Any] = [None] * size
+    errors: list[BaseException | None] = [None] * size
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = work(groups[rank])
+        except BaseException as err:
+            errors[rank] = err
+            groups[rank].abort()  # release the others at once
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 10)
+    assert not any(thread.is_alive() for thread in threads), "a rank hangs"
+    # The error of the rank that failed first, not the broken-group errors it caused.
+    failed = [e for e in errors if e is not None]
+    failed.sort(key=lambda e: "group is now broken" in str(e))
+    if failed:
+        raise failed[0]
+    return results
+
+
+# A fault on one rank of a group of one is the single-process case: those run from size 2.
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        (name, size)
+        for name in sorted(checks.CHECKS)
+        for size in (1, 2, 3, 4)
+        if size > 1 or "raises_everywhere" not in name
+    ],
+)
+def test_check_on_thread_groups(name: str, size: int) -> None:
+    run_ranks(size, checks.CHECKS[name])
+
+
+def test_every_check_runs() -> None:
+    assert len(checks.CHECKS) >= 15
+
+
+# --- groups ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_thread_groups_have_ranks_in_order(size: int) -> None:
+    groups = dist.thread_groups(size)
+    assert [g.rank for g in groups] == list(range(size))
+    assert {g.size for g in groups} == {size}
+    parts = run_ranks(size, lambda g: g.allgather(np.arange(g.rank + 1, dtype=float)))
+    for got in parts:
+        assert [p.tolist() for p in got] == [list(range(r + 1)) for r in range(size)]
+
+
+def test_a_rank_that_stops_calling_times_out_the_others() -> None:
+    groups = dist.thread_groups(2, timeout=0.2)
+    with pytest.raises(RuntimeError, match="timed out"):
+        groups[0].allgather(np.zeros(1))  # rank 1 never calls
+    with pytest.raises(RuntimeError, match="broken"):
+        groups[1].allgather(np.zeros(1))  # and the group stays broken
+
+
+def test_abort_releases_a_waiting_rank() -> None:
+    groups = dist.thread_groups(2, timeout=None)
+    caught: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            groups[0].allgather(np.zeros(1))
+        except RuntimeError as err:
+            caught.append(err)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    groups[1].abort()
+    thread.join(10)
+    assert not thread.is_alive() and len(caught) == 1
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_thread_groups_size_must_be_positive(size: Any) -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        dist.thread_groups(size)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, "1"])
+def test_thread_groups_timeout_must_be_positive(timeout: Any) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        dist.thread_groups(2, timeout=timeout)
+
+
+class NotAGroup:
+    rank, size = 0, 1
+
+
+@pytest.mark.parametrize("group", [NotAGroup(), 3, "world"])
+def test_a_group_needs_rank_size_and_allgather(group: Any) -> None:
+    with pytest.raises(TypeError, match="allgather"):
+        bn.BatchNorm(2, group=group)
+    with pytest.raises(TypeError, match="allgather"):
+        dist.synchronize([bn.BatchNorm(2)], group)
+
+
+def test_the_kernels_need_a_group() -> None:
+    x = np.ones((3, 2))
+    with pytest.raises(TypeError, match="group must be"):
+        dist.forward_train(x, None, None, None)  # type: ignore[arg-type]
+    _, cache = bn.forward_train(x + np.arange(3)[:, None], None, None)
+    with pytest.raises(TypeError, match="group must be"):
+        dist.backward(x, cache, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group must be"):
+        bn.PopulationStats(2).allreduce(None)  # type: ignore[arg-type]
+
+
+def test_a_user_group_works() -> None:
+    class Solo:
+        rank, size = 0, 1
+
+        def allgather(self, array: Any) -> list[Any]:
+            return [array]
+
+    layer = bn.BatchNorm(2, group=Solo())
+    x = np.random.default_rng(0).normal(size=(5, 2))
+    assert np.array_equal(layer(x), bn.BatchNorm(2)(x))
+    assert "group=" in repr(layer)
+
+
+def test_a_group_that_returns_the_wrong_list_is_reported() -> None:
+    class Broken:
+        rank, size = 0, 2
+
+        def allgather(self, array: Any) -> list[Any]:
+            return [array]
+
+    with pytest.raises(RuntimeError, match="one array per rank"):
+        dist.forward_train(np.ones((3, 2)), None, None, Broken())
+
+
+@pytest.mark.filterwarnings("default")
+def test_a_rank_with_fewer_batches_warns_about_its_own() -> None:
+    layer = bn.BatchNorm(2)
+    with pytest.warns(UserWarning, match="data of this rank gave only 1; the statistics are "
+                      "those of every rank's batches"):  # fmt: skip
+        bn.precise_bn(layer, [np.ones((3, 2))], 5, group=dist.thread_groups(1)[0])
+    assert layer.running_mean is not None and np.array_equal(layer.running_mean, np.ones(2))
+
+
+def test_the_group_is_not_saved(tmp_path: Path) -> None:
+    layer = bn.BatchNorm(2, group=dist.thread_groups(1)[0])
+    assert bn.BatchNorm.load(layer.save(tmp_path / "layer")).group is None
+
+
+# --- mpi4py stays optional ------------------------------------------------------------------------
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_importing_batchnorm_does_not_import_mpi4py() -> None:
+    done = _python(
+        "import sys, batchnorm, batchnorm.distributed as d; d.thread_groups(2); "
+        "print('mpi4py' in sys.modules)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_mpigroup_without_mpi4py_says_how_to_install() -> None:
+    done = _python(
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "from batchnorm import distributed as d\n"
+        "try:\n    d.MPIGroup()\nexcept ImportError as err:\n    print(err)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'batchnorm[mpi]'" in done.stdout
+
+
+# --- any split of a batch -------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 4), min_size=1, max_size=4).filter(lambda s: sum(s) >= 2),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_gives_the_whole_batch_result(sizes: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(rng.uniform(-5, 5), rng.uniform(0.1, 5), size=(sum(sizes), 3, 2))
+    dy = rng.normal(size=x.shape)
+    y_ref, cache = bn.forward_train(x, np.ones(3), np.zeros(3))
+    dx_ref, _, _ = bn.backward(dy, cache)
+    bounds = np.cumsum([0, *sizes])
+
+    def work(group: Any) -> tuple[Any, Any]:
+        part = slice(bounds[group.rank], bounds[group.rank + 1])
+        y, c = dist.forward_train(x[part], np.ones(3), np.zeros(3), group)
+        return y, dist.backward(dy[part], c, group)[0]
+
+    results = run_ranks(len(sizes), work)
+    y = np.concatenate([r[0] for r in results])
+    dx = np.concatenate([r[1] for r in results])
+    checks.close(y, y_ref, "y")
+    checks.close(dx, dx_ref, "dx")

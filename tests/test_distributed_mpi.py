@@ -1,0 +1,59 @@
+"""The distributed checks on real MPI ranks: mpiexec -n 2 and -n 4, as subprocesses of pytest.
+
+Skipped when mpi4py or mpiexec is missing (``pip install 'batchnorm[mpi]'`` installs both).
+Each run has a timeout, so a rank that hangs fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import batchnorm
+
+MPI_DIR = Path(__file__).resolve().parent / "mpi"
+
+
+def mpiexec() -> str:
+    """mpiexec next to this Python (a venv with the mpich wheel), else on PATH; else skip."""
+    pytest.importorskip("mpi4py")
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("mpiexec not found (pip install 'batchnorm[mpi]')")
+    return found
+
+
+def run_mpi(ranks: int, script: Path, *args: str, timeout: float = 240) -> str:
+    """Run `script` on `ranks` MPI ranks with this batchnorm importable; return stdout."""
+    env = dict(os.environ)
+    src = str(Path(batchnorm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    done = subprocess.run(
+        [mpiexec(), "-n", str(ranks), sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_check_passes_on_mpi_ranks(ranks: int) -> None:
+    stdout = run_mpi(ranks, MPI_DIR / "run_checks.py")
+    assert f"checks on {ranks} ranks" in stdout, stdout
+    assert "passed" in stdout
+
+
+def test_a_check_that_fails_fails_the_run() -> None:
+    with pytest.raises(AssertionError, match="exit 1"):
+        run_mpi(2, MPI_DIR / "run_checks.py", "no_such_check", timeout=60)
