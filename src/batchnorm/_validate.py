@@ -195,6 +195,18 @@ def num_features(value: Any) -> int:
     return int(value)
 
 
+def positional_eps(value: Any) -> None:
+    """Refuse an int >= 1 given positionally as eps: d2l's num_dims, not an eps."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral) and int(value) >= 1:
+        raise TypeError(
+            f"eps was given positionally as the int {value!r}: BatchNorm(num_features, eps, "
+            f"momentum) takes eps second, so BatchNorm(C, {value!r}) would set eps={value!r}. "
+            "This looks like d2l's BatchNorm(num_features, num_dims); no num_dims is needed "
+            "here (the input's rank decides): write BatchNorm(C). A float eps works as usual, "
+            f"e.g. BatchNorm(C, 1e-3); to really use this eps, pass eps={value!r} by keyword."
+        )
+
+
 def momentum_value(value: Any) -> float | None:
     """Check momentum: a float in [0, 1] (weight of the old running value) or None."""
     if value is None:

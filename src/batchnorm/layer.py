@@ -12,7 +12,7 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -26,6 +26,25 @@ _FORMAT = "batchnorm.BatchNorm/1"
 # A saved layer holds a few (C,) vectors; a member declaring more bytes than this (16M float64
 # channels) is not one of our files, and is refused before anything is allocated for it.
 _MAX_MEMBER_BYTES = 1 << 27
+
+
+_P = ParamSpec("_P")
+
+
+def _refuse_num_dims(init: Callable[_P, None]) -> Callable[_P, None]:
+    """Check the positional eps of ``__init__(self, num_features, eps, ...)``.
+
+    Only a positional int >= 1 is refused (d2l's ``BatchNorm(num_features, num_dims)``): an
+    explicit ``eps=4`` by keyword means what it says.
+    """
+
+    @functools.wraps(init)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        if len(args) > 2:
+            _validate.positional_eps(args[2])
+        init(*args, **kwargs)
+
+    return checked
 
 
 class LoadResult(NamedTuple):
@@ -47,7 +66,9 @@ class BatchNorm:
         C, the number of channels.
     eps : float, default 1e-5
         Added to the variance: ``invstd = 1 / sqrt(var + eps)`` (PyTorch's default; Keras uses
-        1e-3).
+        1e-3). An int >= 1 given positionally is a TypeError: ``BatchNorm(6, 4)`` is d2l's
+        ``BatchNorm(num_features, num_dims)``, and no num_dims is needed here (a float such as
+        ``BatchNorm(6, 1e-3)`` is fine, and so is an int by keyword, ``eps=4``).
     momentum : float in [0, 1] or None, default 0.9
         The weight of the OLD running value::
 
@@ -99,6 +120,7 @@ class BatchNorm:
     >>> y_eval = layer.eval()(x)            # eval mode: running statistics
     """
 
+    @_refuse_num_dims
     def __init__(
         self,
         num_features: int,
