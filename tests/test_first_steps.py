@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -28,3 +32,92 @@ def test_int_eps_by_keyword_means_what_it_says() -> None:
     layer = bn.BatchNorm(6, eps=4)
     assert layer.eps == 4.0
     assert type(layer.eps) is float
+
+
+# --- PyTorch's reset methods -------------------------------------------------------------------
+
+
+def _trained_layer(**kwargs: Any) -> bn.BatchNorm:
+    layer = bn.BatchNorm(3, **kwargs)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        layer(rng.normal(2.0, 3.0, size=(8, 3)))
+    if layer.gamma is not None and layer.beta is not None:
+        layer.gamma[:] = [0.5, 2.0, 3.0]
+        layer.beta[:] = [-1.0, 1.0, 0.25]
+    return layer
+
+
+def test_reset_running_stats_restores_a_fresh_layers_statistics_in_place() -> None:
+    layer = _trained_layer()
+    mean, var = layer.running_mean, layer.running_var
+    assert layer.num_batches_tracked == 3
+    layer.reset_running_stats()
+    assert layer.running_mean is mean and layer.running_var is var
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    assert layer.num_batches_tracked == 0
+    # Parameters are not running statistics: untouched.
+    np.testing.assert_array_equal(layer.gamma, [0.5, 2.0, 3.0])
+    np.testing.assert_array_equal(layer.beta, [-1.0, 1.0, 0.25])
+
+
+def test_reset_parameters_gives_a_fresh_layers_state() -> None:
+    layer = _trained_layer()
+    layer.eval()
+    layer.reset_parameters()
+    fresh = bn.BatchNorm(3)
+    for key, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(layer.state_dict()[key], value, err_msg=key)
+    assert not layer.training  # the mode is kept
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"track_running_stats": False},
+        {"affine": False},
+        {"affine": False, "track_running_stats": False},
+    ],
+)
+def test_resets_do_what_applies_to_a_layer_without_parameters_or_statistics(
+    kwargs: dict[str, bool],
+) -> None:
+    layer = _trained_layer(**kwargs)
+    layer.reset_running_stats()
+    layer.reset_parameters()
+    assert {k: v.tolist() for k, v in layer.state_dict().items()} == {
+        k: v.tolist() for k, v in bn.BatchNorm(3, **kwargs).state_dict().items()
+    }
+
+
+# --- python -m batchnorm --help ----------------------------------------------------------------
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchnorm", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_python_m_batchnorm_help_prints_usage_and_conventions(flag: str) -> None:
+    done = _run_module(flag)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m batchnorm")
+    assert "weight of the OLD running value" in done.stdout
+    assert bn.__version__ in done.stdout
+
+
+def test_python_m_batchnorm_without_arguments_prints_the_conventions_screen() -> None:
+    done = _run_module()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"batchnorm {bn.__version__}: ")
+    assert "usage:" not in done.stdout
+    assert "Start here:" in done.stdout
+
+
+def test_python_m_batchnorm_refuses_unknown_arguments() -> None:
+    done = _run_module("--bogus")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --bogus" in done.stderr

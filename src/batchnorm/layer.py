@@ -248,6 +248,41 @@ class BatchNorm:
 
     # --- state ---------------------------------------------------------------------------------
 
+    def reset_running_stats(self) -> None:
+        """Set ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0.
+
+        The values of a fresh layer, written in place (arrays held elsewhere see the reset), as
+        PyTorch's ``reset_running_stats``. A layer with ``track_running_stats=False`` has no
+        running statistics: nothing happens.
+        """
+        if self.running_mean is None or self.running_var is None:
+            return
+        self.running_mean.fill(0.0)
+        self.running_var.fill(1.0)
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
+
+        As PyTorch's ``reset_parameters``: the layer's state is that of a fresh one (mode,
+        hyperparameters and the last gradients are kept).
+
+        Examples
+        --------
+        >>> import numpy as np, batchnorm as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> _ = layer(np.array([[0.0, 1.0], [4.0, 5.0]]))
+        >>> layer.num_batches_tracked
+        1
+        >>> layer.reset_parameters()
+        >>> layer.running_mean, layer.running_var, layer.num_batches_tracked
+        (array([0., 0.]), array([1., 1.]), 0)
+        """
+        self.reset_running_stats()
+        if self.gamma is not None and self.beta is not None:
+            self.gamma.fill(1.0)
+            self.beta.fill(0.0)
+
     def _state_keys(self) -> tuple[str, ...]:
         affine = ("weight", "bias") if self.affine else ()
         tracked = (
