@@ -121,3 +121,64 @@ def test_python_m_batchnorm_refuses_unknown_arguments() -> None:
     done = _run_module("--bogus")
     assert done.returncode == 2
     assert "unrecognized arguments: --bogus" in done.stderr
+
+
+# --- a whole model's state loaded into one layer -----------------------------------------------
+
+
+def _model_state() -> dict[str, Any]:
+    """A model's state dict: a Linear at '0.', BatchNorms at '1.' and 'bn1.'."""
+    state: dict[str, Any] = {"0.weight": np.ones((3, 4)), "0.bias": np.zeros(3)}
+    for prefix, seed in (("1.", 1), ("bn1.", 2)):
+        layer = _trained_layer()
+        layer(np.random.default_rng(seed).normal(size=(5, 3)))
+        state.update({prefix + k: v for k, v in layer.state_dict().items()})
+    return state
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_whole_models_state_is_refused_with_the_prefix_to_strip(strict: bool) -> None:
+    layer = _trained_layer()
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="whole model") as info:
+        layer.load_state_dict(_model_state(), strict=strict)
+    message = str(info.value)
+    assert "'1.'" in message and "'bn1.'" in message
+    # The prefixes that carry every name of the layer come first, and the example uses one.
+    assert message.index("'1.'") < message.index("'0.'")
+    assert 'k.removeprefix("1."' in message.replace("'", '"')
+    assert "Use strict=False" not in message  # strict=False would load nothing here
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_the_suggested_one_liner_loads_the_layer() -> None:
+    state = _model_state()
+    layer = bn.BatchNorm(3)
+    layer.load_state_dict(
+        {k.removeprefix("bn1."): v for k, v in state.items() if k.startswith("bn1.")}
+    )
+    np.testing.assert_array_equal(layer.running_mean, state["bn1.running_mean"])
+    assert layer.num_batches_tracked == int(state["bn1.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("state", [{}, {"foo": np.zeros(3)}, {"momentum": 0.1}])
+def test_a_non_strict_load_that_matches_nothing_raises(state: dict[str, Any]) -> None:
+    layer = _trained_layer()
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="strict=False would load nothing"):
+        layer.load_state_dict(state, strict=False)
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_a_non_strict_load_that_matches_some_keys_still_loads_them() -> None:
+    layer = _trained_layer()
+    result = layer.load_state_dict({"running_mean": np.full(3, 7.0), "bn1.weight": 1}, strict=False)
+    np.testing.assert_array_equal(layer.running_mean, np.full(3, 7.0))
+    assert result.unexpected_keys == ["bn1.weight"]
+
+
+def test_a_layer_with_no_state_loads_an_empty_state_non_strictly() -> None:
+    layer = bn.BatchNorm(3, affine=False, track_running_stats=False)
+    assert layer.load_state_dict({}, strict=False) == ([], [])

@@ -316,7 +316,15 @@ class BatchNorm:
 
         Every entry is checked (keys; shapes (C,); real dtype; finite; running_var >= 0;
         num_batches_tracked a non-negative int) before anything is loaded: on any error the
-        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest.
+        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest; a
+        state of which no key matches is an error in both modes (nothing would be loaded).
+
+        A whole model's state (keys such as ``bn1.running_mean``) is refused with the prefixes
+        found; select one layer's entries and strip its prefix::
+
+            layer.load_state_dict(
+                {k.removeprefix("bn1."): v for k, v in state.items() if k.startswith("bn1.")}
+            )
         """
         expected = self._state_keys()
         _validate.state_keys(state, expected, strict)
