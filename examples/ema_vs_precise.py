@@ -343,7 +343,12 @@ def clipped_note(
     if below.size == 0:
         return ""
     first, last = int(epochs[below[0]]), int(epochs[below[-1]])
-    where = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    if first == last:
+        where = f"epoch {first}"
+    elif below.size == below[-1] - below[0] + 1:
+        where = f"epochs {first}-{last}"
+    else:
+        where = f"{below.size} epochs in {first}-{last}"
     return f"{label} clipped: {where}, min {float(np.min(ys)):.2f}"
 
 

@@ -92,6 +92,11 @@ def test_the_accuracy_range_keeps_precise_bn_whole(study: Any) -> None:
     bottom, _ = study.accuracy_range(precise[1:], np.array([0.85, 0.95]))
     assert bottom < 0.85
     assert study.clipped_note("EMA", np.arange(1, 3), np.array([0.85, 0.95]), bottom) == ""
+    dips = np.array([0.5, 0.97, 0.5, 0.97, 0.5])
+    assert (
+        study.clipped_note("EMA", np.arange(1, 6), dips, 0.9)
+        == "EMA clipped: 3 epochs in 1-5, min 0.50"
+    )
 
 
 def test_the_lr_caption_says_when_scaling_was_on(study: Any) -> None:
