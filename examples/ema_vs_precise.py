@@ -25,13 +25,15 @@ batch size and seed end with identical weights for every momentum, which the scr
 
 Run::
 
-    python examples/ema_vs_precise.py                   # the grid of docs/results.md
+    python examples/ema_vs_precise.py --out docs/img    # the grid of docs/results.md, its figures
     python examples/ema_vs_precise.py --quick           # 2 batch sizes, 1 seed, 4 epochs
     python examples/ema_vs_precise.py --model lenet --seeds 0 --out /tmp/study
 
-Prints summary tables and writes PNG plots to --out (default docs/img; with --quick a new
-temporary directory). The last lines read ``test accuracy (EMA): ...`` and
-``test accuracy (PreciseBN): ...``: means over the whole grid at the last epoch.
+Prints summary tables and writes PNG plots to --out (default: a new temporary directory, so
+that only an explicit ``--out docs/img`` replaces the figures the docs show). The last lines
+read ``test accuracy (EMA): ...`` and ``test accuracy (PreciseBN): ...``, each followed by
+what it averages: the mean over the whole grid (batch sizes x momenta x seeds) at the last
+epoch.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import argparse
 import hashlib
 import itertools
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +72,7 @@ from nn import Sequential
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 BUILDERS: dict[str, Callable[[np.random.Generator, float], Sequential]] = {
@@ -274,12 +278,17 @@ def print_tables(grid: Grid, n_train: int) -> None:
             print(f"| {batch_size} | {mode} | " + " | ".join(row) + " |")
 
 
-def _panels(grid: Grid, title: str) -> tuple[Figure, NDArray[np.object_]]:
+def _panels(grid: Grid, title: str, *, sharey: bool) -> tuple[Figure, NDArray[np.object_]]:
     import matplotlib.pyplot as plt
 
     rows, cols = len(grid.momenta), len(grid.batch_sizes)
     fig, axes = plt.subplots(
-        rows, cols, figsize=(3.1 * cols, 2.7 * rows + 0.5), sharex=True, sharey=True, squeeze=False
+        rows,
+        cols,
+        figsize=(3.1 * cols, 2.7 * rows + 0.7),
+        sharex=True,
+        sharey=sharey,
+        squeeze=False,
     )
     fig.suptitle(title, fontsize=10)
     for (m, momentum), (b, batch_size) in itertools.product(
@@ -293,10 +302,11 @@ def _panels(grid: Grid, title: str) -> tuple[Figure, NDArray[np.object_]]:
     return fig, axes
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, *, layout: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -308,8 +318,53 @@ def _seeds_caption(grid: Grid, band: str) -> str:
     return f"mean of seeds {', '.join(map(str, grid.seeds))}" + (f", {band}" if band else "")
 
 
-def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str) -> list[Path]:
-    """Accuracy and statistics error per epoch: a panel per (momentum, batch size)."""
+def lr_caption(args: argparse.Namespace) -> str:
+    """The learning rate as the figures' titles state it, scaling included."""
+    if args.scale_lr:
+        return f"lr {args.lr:g} x batch / {args.lr_base_batch} (learning-rate scaling on)"
+    return f"lr {args.lr:g} for every batch size"
+
+
+def accuracy_range(keep: NDArray[np.float64], others: NDArray[np.float64]) -> tuple[float, float]:
+    """A y range that shows every value of `keep` (the PreciseBN curves) with a margin, and
+    `others` (the EMA) whole when that at most doubles it: a far lagging EMA falls below."""
+    low, high = float(np.min(keep)), max(float(np.max(keep)), float(np.max(others)))
+    # The EMA is shown whole too when that at most doubles the range.
+    low = min(low, float(np.min(others))) if np.min(others) >= low - (high - low) else low
+    pad = max(0.08 * (high - low), 0.004)
+    return max(0.0, low - pad), min(1.0, high + pad)
+
+
+def clipped_note(
+    label: str, epochs: NDArray[np.int_], ys: NDArray[np.float64], bottom: float
+) -> str:
+    """'EMA clipped: epochs 1-3, min 0.31' (below the axis there), or '' when it is not."""
+    below = np.flatnonzero(ys < bottom)
+    if below.size == 0:
+        return ""
+    first, last = int(epochs[below[0]]), int(epochs[below[-1]])
+    if first == last:
+        where = f"epoch {first}"
+    elif below.size == below[-1] - below[0] + 1:
+        where = f"epochs {first}-{last}"
+    else:
+        where = f"{below.size} epochs in {first}-{last}"
+    return f"{label} clipped: {where}, min {float(np.min(ys)):.2f}"
+
+
+def _title(ax: Axes, title: str, notes: list[str]) -> None:
+    """A panel title, with a line per clipped curve under it (never over the curves)."""
+    lines = [title, *(note for note in notes if note)]
+    ax.set_title("\n".join(lines), fontsize=9 if len(lines) == 1 else 7.5)
+
+
+def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str, lr: str) -> list[Path]:
+    """Accuracy and statistics error per epoch: a panel per (momentum, batch size).
+
+    Each accuracy panel has its own y range, chosen to show the PreciseBN curves whole; an EMA
+    curve that falls below it is named in the panel with where and how low. The statistics
+    error is on a log axis, where the reference itself (error 0) has no place: the title says so.
+    """
     epochs = np.arange(1, grid.epochs + 1)
     smallest = min(grid.sample_counts, key=lambda s: s or n_train)
     lines = [
@@ -325,7 +380,16 @@ def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str) -> list[Path
         ("stat_error", grid.err, err_lines, "statistics error"),
     ):
         what = "test accuracy" if name == "accuracy" else "statistics error"
-        fig, axes = _panels(grid, f"{MODEL_NAMES[model]} on digits: {what} per epoch\n({caption})")
+        detail = (
+            "y ranges per panel, fitted to PreciseBN; curves clipped below are noted"
+            if name == "accuracy"
+            else f"log axis; the reference, PreciseBN sequential on all {n_train}, is 0: not drawn"
+        )
+        fig, axes = _panels(
+            grid,
+            f"{MODEL_NAMES[model]} on digits: {what} per epoch, {lr}\n({caption}; {detail})",
+            sharey=name != "accuracy",
+        )
         for (m, _), (b, _) in itertools.product(
             enumerate(grid.momenta), enumerate(grid.batch_sizes)
         ):
@@ -342,18 +406,31 @@ def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str) -> list[Path
                     )
             if b == 0:
                 ax.set_ylabel(ylabel)
-        if name == "accuracy":
-            low = float(np.percentile(grid.acc[..., [j for j, _, _ in shown]], 3))
-            axes[0, 0].set_ylim(max(0.0, low - 0.02), 1.0)
-        else:
+            if name == "accuracy":
+                means = values[:, b, m].mean(axis=0)  # [epoch, method]
+                precise = [j for j, _, _ in shown if grid.methods[j].mode is not None]
+                ema = grid.index(None)
+                bottom, top = accuracy_range(means[:, precise], means[:, ema])
+                ax.set_ylim(bottom, top)
+                _title(
+                    ax,
+                    f"batch {grid.batch_sizes[b]}, momentum {grid.momenta[m]}",
+                    [clipped_note("EMA", epochs, means[:, ema], bottom)],
+                )
+        if name == "stat_error":
             axes[0, 0].set_yscale("log")
         axes[0, 0].legend(fontsize=7, loc="lower right" if name == "accuracy" else "upper right")
         paths.append(_save(fig, out / f"ema_vs_precise_{name}.png"))
     return paths
 
 
-def plot_samples(grid: Grid, n_train: int, out: Path, model: str) -> Path:
-    """Last-epoch accuracy and statistics error against the number of PreciseBN samples."""
+def plot_samples(grid: Grid, n_train: int, out: Path, model: str, lr: str) -> Path:
+    """Last-epoch accuracy and statistics error against the number of PreciseBN samples.
+
+    The accuracy row's range shows every PreciseBN point; EMA lines below it are noted in the
+    panel. The error row is on a log axis: the reference (sequential on all samples, error 0)
+    has no point there, which a note under the panels says.
+    """
     import matplotlib.pyplot as plt
 
     xs = [s or n_train for s in grid.sample_counts]
@@ -362,6 +439,9 @@ def plot_samples(grid: Grid, n_train: int, out: Path, model: str) -> Path:
         2, cols, figsize=(3.1 * cols, 5.4), sharex=True, sharey="row", squeeze=False
     )
     ema = grid.index(None)
+    last_acc = grid.acc[:, :, :, -1].mean(axis=0)  # [batch, momentum, method]
+    precise = [j for j, method in enumerate(grid.methods) if method.mode is not None]
+    bottom, top = accuracy_range(last_acc[:, 0, precise], last_acc[:, :, ema])
     for b, batch_size in enumerate(grid.batch_sizes):
         for row, values in enumerate((grid.acc, grid.err)):
             ax = axes[row, b]
@@ -380,19 +460,24 @@ def plot_samples(grid: Grid, n_train: int, out: Path, model: str) -> Path:
                     color=color,
                     label=f"PreciseBN {mode}",
                 )
+            notes = []
             for m, momentum in enumerate(grid.momenta):
+                level = last[:, m, ema].mean()
                 ax.axhline(
-                    last[:, m, ema].mean(),
+                    level,
                     color="C3",
                     lw=1,
                     ls=("-", "--", ":")[m % 3],
                     label=f"EMA, momentum {momentum}",
                 )
+                if row == 0 and level < bottom:
+                    notes.append(f"EMA {momentum} clipped: {level:.3f}")
+            if row == 0:
+                ax.set_ylim(bottom, top)
+                _title(ax, f"batch {batch_size}", notes)
             ax.set_xscale("log")
             ax.grid(alpha=0.3)
-            if row == 0:
-                ax.set_title(f"batch {batch_size}", fontsize=9)
-            else:
+            if row == 1:
                 ax.set_yscale("log")
                 ax.set_xlabel("PreciseBN samples")
     axes[0, 0].set_ylabel(f"test accuracy, epoch {grid.epochs}")
@@ -400,47 +485,97 @@ def plot_samples(grid: Grid, n_train: int, out: Path, model: str) -> Path:
     axes[0, 0].legend(fontsize=7, loc="lower right")
     fig.suptitle(
         f"{MODEL_NAMES[model]} on digits: how many samples PreciseBN needs (of {n_train})\n"
-        f"epoch {grid.epochs}, {_seeds_caption(grid, '')}",
+        f"epoch {grid.epochs}, {_seeds_caption(grid, '')}, {lr}",
         fontsize=10,
     )
-    return _save(fig, out / "ema_vs_precise_samples.png")
+    fig.text(
+        0.5,
+        0.005,
+        textwrap.fill(
+            f"The statistics error is measured against PreciseBN sequential on all {n_train} "
+            "samples: that point is 0 and has no place on the log axis, so it is not drawn.",
+            width=int(15 * 3.1 * cols),
+        ),
+        ha="center",
+        va="bottom",
+        fontsize=7.5,
+        color="0.25",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, out / "ema_vs_precise_samples.png", layout=False)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except None and False (an unset option or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp")
-    parser.add_argument("--epochs", type=positive_int, default=20)
-    parser.add_argument("--batch-sizes", type=batch_size_int, nargs="+", default=[8, 32, 128, 512])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Regenerate the figures of docs/results.md with --out docs/img.",
+        formatter_class=_DefaultsFormatter,
+    )
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    parser.add_argument(
+        "--batch-sizes",
+        type=batch_size_int,
+        nargs="+",
+        default=[8, 32, 128, 512],
+        help="training batch sizes (also PreciseBN's)",
+    )
     parser.add_argument(
         "--momenta",
         type=float,
         nargs="+",
         default=[0.9, 0.99],
-        help="BatchNorm momenta, the weight of the OLD running value (default 0.9 0.99)",
+        help="BatchNorm momenta, the weight of the OLD running value",
     )
     parser.add_argument(
         "--samples",
         type=parse_samples,
         nargs="+",
-        default=[100, 300, 1000, ALL],
+        default=[100, 300, 1000, "all"],
         help="PreciseBN sample counts, 'all' for the whole training set (always included)",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, 0.05")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     parser.add_argument(
         "--scale-lr", action="store_true", help="linear scaling: lr * batch / --lr-base-batch"
     )
-    parser.add_argument("--lr-base-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=None, help="PNG directory (docs/img)")
-    parser.add_argument("--quick", action="store_true", help="a small grid in a few seconds")
+    parser.add_argument(
+        "--lr-base-batch", type=int, default=32, help="the batch size at which --scale-lr keeps lr"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the PNG plots; default: a new temporary directory (docs/img holds "
+        "the shipped figures: pass --out docs/img to regenerate them)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid in a few seconds: 4 epochs, batch sizes 32 512, seed 0, samples 100",
+    )
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.batch_sizes, args.seeds, args.samples = 4, [32, 512], [0], [100]
-    args.samples = sorted(set(args.samples) | {ALL}, key=lambda s: s or np.inf)
+    # argparse applies `type` to string defaults only: "all" arrives here unconverted.
+    samples = {parse_samples(s) if isinstance(s, str) else s for s in args.samples}
+    args.samples = sorted(samples | {ALL}, key=lambda s: s or np.inf)
     if args.out is None:
-        docs = Path(__file__).resolve().parent.parent / "docs" / "img"
-        args.out = Path(tempfile.mkdtemp(prefix="ema_vs_precise_")) if args.quick else docs
+        args.out = Path(tempfile.mkdtemp(prefix="ema_vs_precise_"))
     args.out.mkdir(parents=True, exist_ok=True)
     limit_threads(args.threads)
 
@@ -457,14 +592,21 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     grid = run_grid(args, data)
     print_tables(grid, n_train)
-    paths = plot_per_epoch(grid, n_train, args.out, args.model)
-    paths.append(plot_samples(grid, n_train, args.out, args.model))
+    lr = lr_caption(args)
+    paths = plot_per_epoch(grid, n_train, args.out, args.model, lr)
+    paths.append(plot_samples(grid, n_train, args.out, args.model, lr))
     for path in paths:
         print(f"wrote {path}")
     last = grid.acc[:, :, :, -1].mean(axis=(0, 1, 2))
     print(f"total time {time.perf_counter() - start:.1f}s")
-    print(f"test accuracy (EMA): {last[grid.index(None)]:.4f}")
-    print(f"test accuracy (PreciseBN): {last[grid.index('train')]:.4f}")
+    counts = [
+        _count(len(grid.batch_sizes), "batch size", "batch sizes"),
+        _count(len(grid.momenta), "momentum", "momenta"),
+        _count(len(grid.seeds), "seed", "seeds"),
+    ]
+    over = f"(mean over the grid: {' x '.join(counts)}, epoch {grid.epochs})"
+    print(f"test accuracy (EMA): {last[grid.index(None)]:.4f} {over}")
+    print(f"test accuracy (PreciseBN): {last[grid.index('train')]:.4f} {over}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from normwise import normwise_error
 
 import batchnorm as bn
-from batchnorm.gradcheck import check_gradients, relative_error
+from batchnorm.gradcheck import check_gradients
 
 # (shape, channel axis): 2-D to 5-D, channels-first, channels-last and one unusual axis.
 SHAPES_AXES = [
@@ -93,7 +94,7 @@ def test_forward_train_matches_textbook(shape, axis, affine):
     g, b = (gamma, beta) if affine else (None, None)
     y, cache = bn.forward_train(x, g, b, eps=1e-3, axis=axis)
     assert y.shape == x.shape
-    assert relative_error(y, _reference_forward(x, g, b, 1e-3, axis)) < 1e-13
+    assert normwise_error(y, _reference_forward(x, g, b, 1e-3, axis)) < 1e-13
     axes = _reduce_axes(x.ndim, axis)
     np.testing.assert_allclose(cache.mean, x.mean(axis=axes), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(cache.var, x.var(axis=axes), rtol=1e-13)
@@ -108,7 +109,7 @@ def test_forward_eval_matches_textbook(shape, axis, affine):
     g, b = (gamma, beta) if affine else (None, None)
     y, cache = bn.forward_eval(x, g, b, mean, var, eps=1e-3, axis=axis)
     expected = _reference_forward(x, g, b, 1e-3, axis, mean=mean, var=var)
-    assert relative_error(y, expected) < 1e-13
+    assert normwise_error(y, expected) < 1e-13
     np.testing.assert_array_equal(cache.mean, mean)
     np.testing.assert_array_equal(cache.var, var)
     assert cache.count == x.size // shape[axis]
@@ -123,10 +124,10 @@ def test_backward_train_matches_staged_graph(shape, axis, affine):
     dx, dgamma, dbeta = bn.backward(dy, cache)
     ref_dx, ref_dgamma, ref_dbeta = _reference_backward_train(dy, x, g, 1e-3, axis)
     assert dx.shape == x.shape
-    assert relative_error(dx, ref_dx) < 1e-12
+    assert normwise_error(dx, ref_dx) < 1e-12
     if affine:
-        assert relative_error(dgamma, ref_dgamma) < 1e-12
-        assert relative_error(dbeta, ref_dbeta) < 1e-12
+        assert normwise_error(dgamma, ref_dgamma) < 1e-12
+        assert normwise_error(dbeta, ref_dbeta) < 1e-12
     else:
         assert dgamma is None
         assert dbeta is None
@@ -142,12 +143,12 @@ def test_backward_eval_is_the_constant_statistics_gradient(shape, axis, affine):
     pshape = _param_shape(x.ndim, axis)
     invstd = 1.0 / np.sqrt(var + 1e-3)
     scale = invstd if g is None else g * invstd
-    assert relative_error(dx, dy * scale.reshape(pshape)) < 1e-14
+    assert normwise_error(dx, dy * scale.reshape(pshape)) < 1e-14
     if affine:
         xhat = (x - mean.reshape(pshape)) * invstd.reshape(pshape)
         axes = _reduce_axes(x.ndim, axis)
-        assert relative_error(dgamma, np.sum(dy * xhat, axis=axes)) < 1e-12
-        assert relative_error(dbeta, np.sum(dy, axis=axes)) < 1e-13
+        assert normwise_error(dgamma, np.sum(dy * xhat, axis=axes)) < 1e-12
+        assert normwise_error(dbeta, np.sum(dy, axis=axes)) < 1e-13
     else:
         assert dgamma is None
         assert dbeta is None
@@ -169,8 +170,10 @@ def test_gradients_match_finite_differences(shape, axis, training, affine):
     stats = {} if training else {"mean": mean, "var": var}
     errors = check_gradients(x, g, b, training=training, axis=axis, seed=7, **stats)
     assert set(errors) == ({"dx", "dgamma", "dbeta"} if affine else {"dx"})
+    # Elementwise relative errors (cs231n's): an entry of dx near zero carries the finite
+    # differences' absolute error of ~1e-10, so dx reaches ~2e-7 on a correct gradient.
     for name, err in errors.items():
-        assert err < 1e-7, (name, err)
+        assert err < (1e-6 if name == "dx" else 1e-9), (name, err)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -257,9 +260,9 @@ def test_single_sample_with_spatial_extent_trains():
     x, dy, gamma, beta, _, _ = _data((1, 3, 2, 2), 1, seed=8)
     y, cache = bn.forward_train(x, gamma, beta)
     assert cache.count == 4
-    assert relative_error(y, _reference_forward(x, gamma, beta, 1e-5, 1)) < 1e-13
+    assert normwise_error(y, _reference_forward(x, gamma, beta, 1e-5, 1)) < 1e-13
     dx, _, _ = bn.backward(dy, cache)
-    assert relative_error(dx, _reference_backward_train(dy, x, gamma, 1e-5, 1)[0]) < 1e-12
+    assert normwise_error(dx, _reference_backward_train(dy, x, gamma, 1e-5, 1)[0]) < 1e-12
 
 
 def test_eval_accepts_a_single_sample_and_an_empty_batch():
@@ -364,7 +367,7 @@ def test_float16_accuracy_against_float64():
     x, _, gamma, beta, _, _ = _data((32, 4, 8), 1, seed=15, dtype=np.float16)
     y16, c16 = bn.forward_train(x, gamma, beta)
     y64, c64 = bn.forward_train(x.astype(np.float64), gamma, beta)
-    assert relative_error(y16, y64) < 2e-3  # float16 rounding of the output, ~ 2**-11
+    assert normwise_error(y16, y64) < 2e-3  # float16 rounding of the output, ~ 2**-11
     np.testing.assert_allclose(c16.var, c64.var, rtol=1e-5)
 
 
@@ -506,7 +509,7 @@ def test_float32_with_large_offset_is_accurate(shape):
     x64 = x.astype(np.float64)
     y, cache = bn.forward_train(x)
     # Measured ~1e-6 (about 10 float32 ulps of y); a one-pass E[x^2] - E[x]^2 gives ~1e-3.
-    assert relative_error(y, _reference_forward(x64, None, None, 1e-5, 1)) < 1e-5
+    assert normwise_error(y, _reference_forward(x64, None, None, 1e-5, 1)) < 1e-5
     axes = _reduce_axes(x.ndim, 1)
     np.testing.assert_allclose(cache.mean, x64.mean(axis=axes), rtol=1e-12)
     np.testing.assert_allclose(cache.var, x64.var(axis=axes), rtol=1e-5)
@@ -514,7 +517,7 @@ def test_float32_with_large_offset_is_accurate(shape):
     dy = np.random.default_rng(24).standard_normal(shape).astype(np.float32)
     dx, _, _ = bn.backward(dy, cache)
     dx_ref = _reference_backward_train(dy.astype(np.float64), x64, None, 1e-5, 1)[0]
-    assert relative_error(dx, dx_ref) < 1e-5
+    assert normwise_error(dx, dx_ref) < 1e-5
 
 
 @pytest.mark.parametrize("shape", OFFSET_SHAPES)
@@ -522,11 +525,11 @@ def test_float32_with_large_offset_beats_torch(shape):
     torch = pytest.importorskip("torch")
     x = _offset_float32(shape, 25)
     reference = _reference_forward(x.astype(np.float64), None, None, 1e-5, 1)
-    ours = relative_error(bn.forward_train(x)[0], reference)
+    ours = normwise_error(bn.forward_train(x)[0], reference)
     y_torch = torch.nn.functional.batch_norm(
         torch.from_numpy(x), None, None, training=True, eps=1e-5
     )
-    theirs = relative_error(y_torch.numpy(), reference)
+    theirs = normwise_error(y_torch.numpy(), reference)
     assert ours <= theirs
 
 

@@ -274,7 +274,9 @@ def states(draw: st.DrawFn, layer: bn.BatchNorm, strict: bool) -> tuple[dict[Any
             else:
                 state[key] = draw(invalid_vector(c, variance=key == "running_var"))
             bad.add(key)
-    invalid = bool(bad) or (strict and structural)
+    # A load that would match no key of a layer that has some is refused in both modes.
+    matches_nothing = bool(keys) and not state.keys() & set(keys)
+    invalid = bool(bad) or (strict and structural) or matches_nothing
     return state, invalid
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
+
 import batchnorm
 
 CONVENTIONS = """\
@@ -31,7 +34,23 @@ Examples: examples/quickstart.py, examples/mlp_digits.py, examples/lenet_digits.
 """
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m batchnorm",
+        description=(
+            f"batchnorm {batchnorm.__version__}: the reference Batch Normalization in NumPy.\n"
+            "Without arguments: print the version, the conventions and where to start."
+        ),
+        epilog=CONVENTIONS + "\n" + START,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the version, the conventions and where to start; ``-h``/``--help`` for usage."""
+    parser = _parser()
+    parser.add_argument("--version", action="version", version=f"batchnorm {batchnorm.__version__}")
+    parser.parse_args(argv)
     print(f"batchnorm {batchnorm.__version__}: the reference Batch Normalization in NumPy\n")
     print(CONVENTIONS)
     print(START, end="")

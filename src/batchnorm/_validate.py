@@ -184,6 +184,18 @@ def num_features(value: Any) -> int:
     return int(value)
 
 
+def positional_eps(value: Any) -> None:
+    """Refuse an int >= 1 given positionally as eps: d2l's num_dims, not an eps."""
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral) and int(value) >= 1:
+        raise TypeError(
+            f"eps was given positionally as the int {value!r}: BatchNorm(num_features, eps, "
+            f"momentum) takes eps second, so BatchNorm(C, {value!r}) would set eps={value!r}. "
+            "This looks like d2l's BatchNorm(num_features, num_dims); no num_dims is needed "
+            "here (the input's rank decides): write BatchNorm(C). A float eps works as usual, "
+            f"e.g. BatchNorm(C, 1e-3); to really use this eps, pass eps={value!r} by keyword."
+        )
+
+
 def momentum_value(value: Any) -> float | None:
     """Check momentum: a float in [0, 1] (weight of the old running value) or None."""
     if value is None:
@@ -271,7 +283,12 @@ STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 
 
 def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
-    """Check the keys of a state dict against the ones this layer has."""
+    """Check the keys of a state dict against the ones this layer has.
+
+    Keys such as ``bn1.running_mean`` are a whole model's state: the error says which prefixes
+    were found and how to strip one. A non-strict load that would match no key at all is an
+    error too, instead of a load that silently does nothing.
+    """
     if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
         raise TypeError(
             f"state must be a mapping such as the dict from state_dict(); got "
@@ -280,6 +297,20 @@ def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
     given = set(state.keys())
     missing = [k for k in expected if k not in given]
     unexpected = sorted(str(k) for k in given - set(expected))
+    prefixes = _model_prefixes(unexpected, expected)
+    if prefixes and (strict or len(missing) == len(expected)):
+        example = prefixes[0]
+        shown = ", ".join(repr(p) for p in prefixes[:5])
+        more = f" (and {len(prefixes) - 5} more)" if len(prefixes) > 5 else ""
+        sample = next(k for k in unexpected if k.startswith(example))
+        raise ValueError(
+            f"state does not match this layer: missing keys {missing}. Its keys, such as "
+            f"{sample!r}, are a whole model's: this layer's names {list(expected)} appear "
+            f"behind the prefixes {shown}{more}. Select one layer's entries and strip its "
+            f"prefix, e.g. layer.load_state_dict({{k.removeprefix({example!r}): v for k, v in "
+            f"state.items() if k.startswith({example!r})}}). strict=False would load none of "
+            "these keys."
+        )
     if strict and (missing or unexpected):
         raise ValueError(
             f"state does not match this layer: missing keys {missing}, unexpected keys "
@@ -287,6 +318,28 @@ def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
             "matching keys only (affine=False has no weight/bias, track_running_stats=False "
             "has no running statistics)."
         )
+    if expected and len(missing) == len(expected):
+        what = (
+            f"none of the keys {unexpected[:10]} is one of this layer's keys {list(expected)}"
+            if unexpected
+            else "state is empty"
+        )
+        raise ValueError(
+            f"strict=False would load nothing: {what}. Pass the state of a BatchNorm "
+            "(layer.state_dict(), or a PyTorch BatchNorm's state converted to NumPy)."
+        )
+
+
+def _model_prefixes(keys: list[str], expected: tuple[str, ...]) -> list[str]:
+    """Prefixes p such that p + name is a key for a name of the layer ('bn1.' for
+    'bn1.running_mean'), those covering the most names first."""
+    covered: dict[str, int] = {}
+    for key in keys:
+        for name in expected:
+            if key.endswith("." + name) and len(key) > len(name) + 1:
+                prefix = key[: -len(name)]
+                covered[prefix] = covered.get(prefix, 0) + 1
+    return sorted(covered, key=lambda p: (-covered[p], p))
 
 
 def state_vector(value: Any, key: str, num_channels: int) -> NDArray[np.float64]:

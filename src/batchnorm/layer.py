@@ -12,7 +12,7 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -26,6 +26,25 @@ _FORMAT = "batchnorm.BatchNorm/1"
 # A saved layer holds a few (C,) vectors; a member declaring more bytes than this (16M float64
 # channels) is not one of our files, and is refused before anything is allocated for it.
 _MAX_MEMBER_BYTES = 1 << 27
+
+
+_P = ParamSpec("_P")
+
+
+def _refuse_num_dims(init: Callable[_P, None]) -> Callable[_P, None]:
+    """Check the positional eps of ``__init__(self, num_features, eps, ...)``.
+
+    Only a positional int >= 1 is refused (d2l's ``BatchNorm(num_features, num_dims)``): an
+    explicit ``eps=4`` by keyword means what it says.
+    """
+
+    @functools.wraps(init)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        if len(args) > 2:
+            _validate.positional_eps(args[2])
+        init(*args, **kwargs)
+
+    return checked
 
 
 class LoadResult(NamedTuple):
@@ -47,7 +66,9 @@ class BatchNorm:
         C, the number of channels.
     eps : float, default 1e-5
         Added to the variance: ``invstd = 1 / sqrt(var + eps)`` (PyTorch's default; Keras uses
-        1e-3).
+        1e-3). An int >= 1 given positionally is a TypeError: ``BatchNorm(6, 4)`` is d2l's
+        ``BatchNorm(num_features, num_dims)``, and no num_dims is needed here (a float such as
+        ``BatchNorm(6, 1e-3)`` is fine, and so is an int by keyword, ``eps=4``).
     momentum : float in [0, 1] or None, default 0.9
         The weight of the OLD running value::
 
@@ -106,6 +127,7 @@ class BatchNorm:
     >>> y_eval = layer.eval()(x)            # eval mode: running statistics
     """
 
+    @_refuse_num_dims
     def __init__(
         self,
         num_features: int,
@@ -247,6 +269,41 @@ class BatchNorm:
 
     # --- state ---------------------------------------------------------------------------------
 
+    def reset_running_stats(self) -> None:
+        """Set ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0.
+
+        The values of a fresh layer, written in place (arrays held elsewhere see the reset), as
+        PyTorch's ``reset_running_stats``. A layer with ``track_running_stats=False`` has no
+        running statistics: nothing happens.
+        """
+        if self.running_mean is None or self.running_var is None:
+            return
+        self.running_mean.fill(0.0)
+        self.running_var.fill(1.0)
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
+
+        As PyTorch's ``reset_parameters``: the layer's state is that of a fresh one (mode,
+        hyperparameters and the last gradients are kept).
+
+        Examples
+        --------
+        >>> import numpy as np, batchnorm as bn
+        >>> layer = bn.BatchNorm(2)
+        >>> _ = layer(np.array([[0.0, 1.0], [4.0, 5.0]]))
+        >>> layer.num_batches_tracked
+        1
+        >>> layer.reset_parameters()
+        >>> layer.running_mean, layer.running_var, layer.num_batches_tracked
+        (array([0., 0.]), array([1., 1.]), 0)
+        """
+        self.reset_running_stats()
+        if self.gamma is not None and self.beta is not None:
+            self.gamma.fill(1.0)
+            self.beta.fill(0.0)
+
     def _state_keys(self) -> tuple[str, ...]:
         affine = ("weight", "bias") if self.affine else ()
         tracked = (
@@ -280,7 +337,15 @@ class BatchNorm:
 
         Every entry is checked (keys; shapes (C,); real dtype; finite; running_var >= 0;
         num_batches_tracked a non-negative int) before anything is loaded: on any error the
-        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest.
+        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest; a
+        state of which no key matches is an error in both modes (nothing would be loaded).
+
+        A whole model's state (keys such as ``bn1.running_mean``) is refused with the prefixes
+        found; select one layer's entries and strip its prefix::
+
+            layer.load_state_dict(
+                {k.removeprefix("bn1."): v for k, v in state.items() if k.startswith("bn1.")}
+            )
         """
         expected = self._state_keys()
         _validate.state_keys(state, expected, strict)
