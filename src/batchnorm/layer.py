@@ -12,12 +12,13 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _ghost, _validate
+from batchnorm._ghost import Part
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 
 __all__ = ["BatchNorm", "LoadResult"]
@@ -69,6 +70,16 @@ class BatchNorm:
         output is always normalized with the biased batch variance.
     axis : int, default 1
         The channel axis; -1 for channels-last.
+    ghost_batch_size : int or None, default None
+        k: in training mode, normalize each run of k consecutive samples along axis 0 (the
+        last run may be shorter) with its own statistics, sharing gamma and beta (ghost batch
+        normalization, Hoffer et al. 2017). The running statistics are updated once per ghost
+        batch, in order, exactly as calling the layer on each ghost batch would. Eval mode
+        ignores it. None: the whole batch. See docs/variants.md.
+    frozen : bool, default False
+        Normalize with the running statistics in every mode and never update them; gamma and
+        beta still get gradients (backward is eval mode's). Needs track_running_stats=True.
+        :func:`batchnorm.precise_bn` skips frozen layers unless they are named in ``layers``.
 
     Attributes
     ----------
@@ -80,6 +91,9 @@ class BatchNorm:
         Set by :meth:`backward`.
     training : bool
         True after construction and :meth:`train`; False after :meth:`eval`.
+    ghost_batch_size : int or None
+    frozen : bool
+        Set by :meth:`freeze`.
 
     Notes
     -----
@@ -97,7 +111,17 @@ class BatchNorm:
     >>> layer.num_batches_tracked, layer.dgamma.shape
     (1, (3,))
     >>> y_eval = layer.eval()(x)            # eval mode: running statistics
+    >>> ghost = bn.BatchNorm(3, ghost_batch_size=16)
+    >>> _ = ghost(x); ghost.num_batches_tracked  # 64 samples: 4 ghost batches
+    4
     """
+
+    _format: ClassVar[str] = _FORMAT
+    _config_keys: ClassVar[tuple[str, ...]] = tuple(
+        f"config_{name}"
+        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats",
+                     "unbiased", "axis", "training", "ghost_batch_size", "frozen")
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -109,6 +133,8 @@ class BatchNorm:
         track_running_stats: bool = True,
         unbiased: bool = True,
         axis: int = 1,
+        ghost_batch_size: int | None = None,
+        frozen: bool = False,
     ) -> None:
         self.num_features = _validate.num_features(num_features)
         self.eps = _validate.eps_value(eps)
@@ -117,6 +143,9 @@ class BatchNorm:
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")
         self.axis = _validate.axis_value(axis)
+        self.ghost_batch_size = _validate.ghost_batch_size(ghost_batch_size)
+        self.frozen = False
+        self.freeze(frozen)
         c = self.num_features
         self.gamma: NDArray[np.float64] | None = np.ones(c) if self.affine else None
         self.beta: NDArray[np.float64] | None = np.zeros(c) if self.affine else None
@@ -128,6 +157,9 @@ class BatchNorm:
         self.dbeta: NDArray[np.float64] | None = None
         self.training = True
         self._cache: BatchNormCache | None = None
+        # The normalization batches of the last training forward (ghost batches), valid while
+        # their last cache is self._cache.
+        self._parts: tuple[Part, ...] = ()
         # Called with the cache of every training-mode forward, after its statistics passed the
         # finiteness check: how precise_bn sees each call's batch statistics.
         self._observers: list[Callable[[BatchNormCache], None]] = []
@@ -137,31 +169,24 @@ class BatchNorm:
     def forward(self, x: ArrayLike) -> NDArray[np.floating[Any]]:
         """Normalize x; in training mode also record its statistics.
 
-        Training mode (or ``track_running_stats=False``) normalizes with the batch statistics;
-        training mode with tracking then updates ``running_mean``, ``running_var`` and
-        ``num_batches_tracked``. Eval mode normalizes with the running statistics.
+        Training mode (or ``track_running_stats=False``) normalizes with the batch statistics
+        (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
+        ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
+        layer in every mode, normalizes with the running statistics.
 
         Returns y with the shape and dtype of x.
 
         Raises
         ------
         TypeError, ValueError
-            Bad input (see :func:`batchnorm.forward_train`); nothing changes.
+            Bad input (see :func:`batchnorm.forward_train`), or a ghost batch with one value
+            per channel; nothing changes.
         FloatingPointError
             In training mode, when a channel's batch mean or variance is NaN or inf; names the
             channels; nothing changes.
         """
         xa = _validate.layer_input(x, self.num_features, self.axis)
-        use_batch_stats = self.training or not self.track_running_stats
-        if use_batch_stats:
-            y, cache = forward_train(xa, self.gamma, self.beta, eps=self.eps, axis=self.axis)
-            if self.training:
-                _validate.finite_statistics(cache.mean, cache.var)
-                for observe in self._observers:
-                    observe(cache)
-                if self.track_running_stats:
-                    self._record(cache)
-        else:
+        if self.frozen or not (self.training or not self.track_running_stats):
             assert self.running_mean is not None and self.running_var is not None
             y, cache = forward_eval(
                 xa,
@@ -172,33 +197,73 @@ class BatchNorm:
                 eps=self.eps,
                 axis=self.axis,
             )
-        self._cache = cache
+        elif not self.training:  # track_running_stats=False: batch statistics, nothing kept
+            y, cache = forward_train(xa, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        else:
+            return self._forward_train(xa)
+        self._cache, self._parts = cache, ()
         return y
 
     __call__ = forward
 
-    def _record(self, cache: BatchNormCache) -> None:
-        """Fold one batch's statistics into the running statistics (all or nothing)."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        count = self.num_batches_tracked + 1
+    def _forward_train(self, xa: NDArray[np.floating[Any]]) -> NDArray[np.floating[Any]]:
+        """Training mode: normalize each part, then record them all (all or nothing)."""
+        if self.ghost_batch_size is not None and getattr(self, "group", None) is not None:
+            _validate.no_group("ghost_batch_size")
+        bounds = _ghost.spans(xa.shape, self.axis, self.ghost_batch_size)
+        running = None
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            running = (self.running_mean, self.running_var, self.num_batches_tracked)
+        outputs, parts = [], []
+        for lo, hi in bounds:
+            y, part = self._normalize(xa[lo:hi], running)
+            _validate.finite_statistics(part.cache.mean, part.cache.var)
+            if running is not None:
+                running = self._advance(running, part.cache)
+            outputs.append(y)
+            parts.append(part)
+        for part in parts:
+            for observe in self._observers:
+                observe(part.cache)
+        if running is not None:
+            # Every value is computed before anything is written, and these writes cannot fail.
+            assert self.running_mean is not None and self.running_var is not None
+            np.copyto(self.running_mean, running[0])
+            np.copyto(self.running_var, running[1])
+            self.num_batches_tracked = running[2]
+        self._cache, self._parts = parts[-1].cache, tuple(parts)
+        return _ghost.join(xa, outputs, bounds)
+
+    def _normalize(
+        self, x: NDArray[np.floating[Any]], running: tuple[Any, Any, int] | None
+    ) -> tuple[NDArray[np.floating[Any]], Part]:
+        """One normalization batch with its own statistics (BatchRenorm also uses `running`)."""
+        y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        return y, Part(cache)
+
+    def _advance(
+        self, running: tuple[Any, Any, int], cache: BatchNormCache
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
+        """The running statistics after one more batch; nothing is written."""
+        mean, var, tracked = running
+        count = tracked + 1
         # momentum weights the old value; None: the cumulative average over `count` batches.
         keep = 1.0 - 1.0 / count if self.momentum is None else self.momentum
         m = cache.count
         batch_var = cache.var * (m / (m - 1)) if self.unbiased else cache.var
-        new_mean = keep * self.running_mean + (1.0 - keep) * cache.mean
-        new_var = keep * self.running_var + (1.0 - keep) * batch_var
-        # Every value is computed before anything is written, and these writes cannot fail.
-        np.copyto(self.running_mean, new_mean)
-        np.copyto(self.running_var, new_var)
-        self.num_batches_tracked = count
+        new_mean = keep * mean + (1.0 - keep) * cache.mean
+        new_var = keep * var + (1.0 - keep) * batch_var
+        return new_mean, new_var, count
 
     def backward(self, dy: ArrayLike) -> NDArray[np.floating[Any]]:
         """Gradient with respect to the last forward's input; sets ``dgamma`` and ``dbeta``.
 
-        Works after a training-mode forward (gradients through the batch statistics) and after
-        an eval-mode forward (statistics are constants: ``dx = dy * gamma / sqrt(var + eps)``),
-        for fine-tuning with frozen BatchNorm. May be called more than once per forward.
+        Works after a training-mode forward (gradients through the batch statistics; with
+        ghost batches, through each ghost batch's own, and dgamma, dbeta summed over them) and
+        after an eval-mode or frozen forward (statistics are constants: ``dx = dy * gamma /
+        sqrt(var + eps)``). May be called more than once per forward.
 
         Raises
         ------
@@ -209,9 +274,18 @@ class BatchNorm:
         """
         if self._cache is None:
             raise _validate.backward_before_forward()
-        dx, dgamma, dbeta = backward(dy, self._cache)
+        parts = self._parts
+        if not parts or parts[-1].cache is not self._cache:
+            parts = (Part(self._cache),)
+        if len(parts) == 1:
+            dx, dgamma, dbeta = self._backward_part(dy, parts[0])
+        else:
+            dx, dgamma, dbeta = _ghost.backward(dy, parts, self._backward_part)
         self.dgamma, self.dbeta = dgamma, dbeta
         return dx
+
+    def _backward_part(self, dy: ArrayLike, part: Part) -> _ghost.Gradients:
+        return backward(dy, part.cache)
 
     # --- mode ----------------------------------------------------------------------------------
 
@@ -223,6 +297,32 @@ class BatchNorm:
     def eval(self) -> BatchNorm:
         """Set eval mode (normalize with running statistics) and return the layer."""
         return self.train(False)
+
+    def freeze(self, frozen: bool = True) -> BatchNorm:
+        """Freeze the layer (``frozen=False``: unfreeze it) and return it.
+
+        A frozen layer normalizes with its running statistics in every mode and never updates
+        them; gamma and beta still get gradients from :meth:`backward` (eval mode's backward).
+        detectron2's ``FrozenBatchNorm2d`` is a frozen layer whose dgamma and dbeta are ignored.
+
+        Raises
+        ------
+        ValueError
+            The layer has ``track_running_stats=False``: no statistics to freeze.
+
+        Examples
+        --------
+        >>> import numpy as np, batchnorm as bn
+        >>> layer = bn.BatchNorm(2).freeze()
+        >>> y = layer(np.random.default_rng(0).normal(size=(8, 2)))   # training mode
+        >>> layer.num_batches_tracked, layer.running_mean
+        (0, array([0., 0.]))
+        """
+        frozen = _validate.flag(frozen, "frozen")
+        if frozen and not self.track_running_stats:
+            raise _validate.frozen_needs_running_stats()
+        self.frozen = frozen
+        return self
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -300,7 +400,7 @@ class BatchNorm:
         if target.suffix != ".npz":
             target = target.with_name(target.name + ".npz")
         entries: dict[str, Any] = {
-            "format": np.array(_FORMAT),
+            "format": np.array(self._format),
             "config_num_features": np.array(self.num_features),
             "config_eps": np.array(self.eps),
             "config_momentum": np.array(np.nan if self.momentum is None else self.momentum),
@@ -309,6 +409,8 @@ class BatchNorm:
             "config_unbiased": np.array(self.unbiased),
             "config_axis": np.array(self.axis),
             "config_training": np.array(self.training),
+            "config_ghost_batch_size": np.array(self.ghost_batch_size or 0),
+            "config_frozen": np.array(self.frozen),
         }
         entries.update(self.state_dict())
         np.savez(target, **entries)
@@ -327,8 +429,11 @@ class BatchNorm:
             checks of :meth:`load_state_dict`; no code from the file is ever executed.
         """
         arrays = _read_npz(path)
-        if arrays.get("format") is None or str(arrays["format"]) != _FORMAT:
-            raise _validate.saved_file(path, f"its 'format' entry is not {_FORMAT!r}")
+        if arrays.get("format") is None or str(arrays["format"]) != cls._format:
+            raise _validate.saved_file(path, f"its 'format' entry is not {cls._format!r}")
+        unknown = sorted(set(arrays) - {"format", *_validate.STATE_KEYS, *cls._config_keys})
+        if unknown:
+            raise _validate.saved_file(path, f"it holds unknown entries {unknown}")
         try:
             # Each entry must have the dtype kind save() writes: a file is refused, never
             # reinterpreted (a string eps, a bool axis).
@@ -339,7 +444,14 @@ class BatchNorm:
                 # Check the width against the saved vectors before allocating any state.
                 if key in arrays:
                     _validate.saved_width(key, arrays[key].shape, num_features)
-            layer = cls(
+            # Files written before ghost batches and freezing existed hold neither entry.
+            ghost = (
+                int(entry("config_ghost_batch_size", "iu"))
+                if "config_ghost_batch_size" in arrays
+                else 0
+            )
+            layer = cls._from_config(
+                entry,
                 num_features,
                 eps=float(entry("config_eps", "f")),
                 momentum=None if math.isnan(momentum) else momentum,
@@ -347,6 +459,8 @@ class BatchNorm:
                 track_running_stats=bool(entry("config_track_running_stats", "b")),
                 unbiased=bool(entry("config_unbiased", "b")),
                 axis=int(entry("config_axis", "iu")),
+                ghost_batch_size=ghost or None,
+                frozen="config_frozen" in arrays and bool(entry("config_frozen", "b")),
             )
             state = {k: v for k, v in arrays.items() if k in _validate.STATE_KEYS}
             layer.load_state_dict(state, strict=True)
@@ -355,12 +469,23 @@ class BatchNorm:
             raise _validate.saved_file(path, str(err)) from err
         return layer
 
+    @classmethod
+    def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
+        """A new layer from the saved configuration (subclasses read their own entries)."""
+        return cls(*args, **config)
+
     def __repr__(self) -> str:
         return (
-            f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"unbiased={self.unbiased}, axis={self.axis}, "
+            f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
+            f"momentum={self.momentum}, {self._repr_options()}axis={self.axis}, "
+            f"ghost_batch_size={self.ghost_batch_size}, frozen={self.frozen}, "
             f"mode={'train' if self.training else 'eval'})"
+        )
+
+    def _repr_options(self) -> str:
+        return (
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"unbiased={self.unbiased}, "
         )
 
 

@@ -167,7 +167,9 @@ def precise_bn(
         How many batches to use. About 10^3 to 10^4 samples in all are reported to suffice.
     layers : iterable of BatchNorm, optional
         The layers to recompute. None: every BatchNorm with running statistics reachable from
-        ``model`` through attributes, lists, tuples and dicts (each once; cycles are safe).
+        ``model`` through attributes, lists, tuples and dicts (each once; cycles are safe),
+        except frozen ones. A frozen layer named here is recomputed like any other (batch
+        statistics during the pass) and stays frozen.
     progress : bool, default False
         Show a progress bar (needs tqdm: ``pip install tqdm`` or the ``progress`` extra).
     mode : {"train", "sequential"}, default "train"
@@ -236,13 +238,18 @@ def precise_bn(
     others = [layer for _, layer in _reachable(model) if id(layer) not in chosen]
     protected = [layer for _, layer in named] + others
     saved = [_snapshot(layer) for layer in protected]
+    thawed = [layer for _, layer in named if layer.frozen]
     try:
+        for layer in thawed:
+            layer.frozen = False
         if mode == "train":
             _train_all(named)
             results = _measure(model, batches, wanted, named, range(len(named)), bar)
         else:
             results = _sequential(model, batches, wanted, named, bar)
     finally:
+        for layer in thawed:
+            layer.frozen = True
         for layer, state in zip(protected, saved, strict=True):
             _restore(layer, state)
     used = max(batches_used for _, _, batches_used in results.values())
@@ -397,8 +404,13 @@ _OPAQUE = (types.ModuleType, type, types.FunctionType, types.MethodType, types.B
 
 
 def _find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
-    """Every BatchNorm with running statistics reachable from model, depth first, each once."""
-    found = [(path, layer) for path, layer in _reachable(model) if layer.track_running_stats]
+    """Every BatchNorm with running statistics that is not frozen, reachable from model, depth
+    first, each once."""
+    found = [
+        (path, layer)
+        for path, layer in _reachable(model)
+        if layer.track_running_stats and not layer.frozen
+    ]
     if not found:
         raise _validate.no_layers_found()
     return found
@@ -439,14 +451,16 @@ class _Snapshot(NamedTuple):
     num_batches_tracked: int | None
     arrays: dict[str, NDArray[np.float64]]
     cache: BatchNormCache | None
+    parts: tuple[Any, ...]
 
 
 def _snapshot(layer: BatchNorm) -> _Snapshot:
     names = ("gamma", "beta", "running_mean", "running_var")
     arrays = {n: getattr(layer, n).copy() for n in names if getattr(layer, n) is not None}
     return _Snapshot(
-        layer.training, layer.momentum, layer.num_batches_tracked, arrays, layer._cache
-    )
+        layer.training, layer.momentum, layer.num_batches_tracked, arrays, layer._cache,
+        layer._parts,
+    )  # fmt: skip
 
 
 def _restore(layer: BatchNorm, state: _Snapshot) -> None:
@@ -456,3 +470,4 @@ def _restore(layer: BatchNorm, state: _Snapshot) -> None:
     for name, value in state.arrays.items():
         np.copyto(getattr(layer, name), value)
     layer._cache = state.cache
+    layer._parts = state.parts
