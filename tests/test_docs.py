@@ -21,6 +21,7 @@ MODULES = [
     "batchnorm.precise",
     "batchnorm.gradcheck",
     "batchnorm.fold",
+    "batchnorm.renorm",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that

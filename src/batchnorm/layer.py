@@ -412,6 +412,7 @@ class BatchNorm:
             "config_ghost_batch_size": np.array(self.ghost_batch_size or 0),
             "config_frozen": np.array(self.frozen),
         }
+        entries.update(self._extra_entries())
         entries.update(self.state_dict())
         np.savez(target, **entries)
         return target
@@ -468,6 +469,10 @@ class BatchNorm:
         except (KeyError, TypeError, ValueError) as err:
             raise _validate.saved_file(path, str(err)) from err
         return layer
+
+    def _extra_entries(self) -> dict[str, Any]:
+        """Configuration a subclass saves besides BatchNorm's."""
+        return {}
 
     @classmethod
     def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
