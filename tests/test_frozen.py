@@ -174,3 +174,19 @@ def test_precise_bn_with_only_frozen_layers_finds_nothing() -> None:
     with pytest.raises(ValueError, match="found no BatchNorm layer"):
         bn.precise_bn(layer, DATA, num_batches_precise=3)
     assert snapshot(layer) == before
+
+
+def test_a_file_with_a_repeated_entry_is_refused(tmp_path: Path) -> None:
+    # Optional entries must not be smuggled in twice (the second copy would win).
+    import zipfile
+
+    path = bn.BatchNorm(2).save(tmp_path / "layer")
+    with zipfile.ZipFile(path) as archive:
+        members = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    frozen = next(data for name, data in members if name == "config_frozen.npy")
+    odd = tmp_path / "odd.npz"
+    with zipfile.ZipFile(odd, "w") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        for name, data in [*members, ("config_frozen.npy", frozen)]:
+            archive.writestr(name, data)
+    with pytest.raises(ValueError, match=r"repeated member 'config_frozen\.npy'"):
+        bn.BatchNorm.load(odd)

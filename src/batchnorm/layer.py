@@ -504,8 +504,8 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    raise ValueError(f"unexpected member {info.filename!r}")
+                if not info.filename.endswith(".npy") or info.filename[:-4] in arrays:
+                    raise ValueError(f"unexpected or repeated member {info.filename!r}")
                 with archive.open(info) as member:
                     version = np.lib.format.read_magic(member)
                     read_header = (
