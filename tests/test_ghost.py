@@ -200,3 +200,23 @@ def test_ghost_batches_with_a_group_are_refused() -> None:
     with pytest.raises(ValueError, match="ghost_batch_size cannot be combined with a group"):
         layer(np.ones((4, 2)))
     assert snapshot(layer) == before
+
+
+def test_ghost_batches_match_torch_batchnorm_on_each_chunk() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    x, dy = rng.normal(2.0, 3.0, size=(10, 3, 4, 4)), rng.normal(size=(10, 3, 4, 4))
+    module = torch.nn.BatchNorm2d(3, momentum=0.1, dtype=torch.float64)  # = our momentum 0.9
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.cat([module(chunk) for chunk in xt.split(4)])
+    yt.backward(torch.tensor(dy))
+    layer = bn.BatchNorm(3, ghost_batch_size=4)
+    y = layer(x)
+    dx = layer.backward(dy)
+    assert relative_error(y, yt.detach().numpy()) < 1e-12
+    assert relative_error(dx, xt.grad.numpy()) < 1e-12
+    assert relative_error(layer.dgamma, module.weight.grad.numpy()) < 1e-12
+    assert relative_error(layer.dbeta, module.bias.grad.numpy()) < 1e-12
+    assert relative_error(layer.running_mean, module.running_mean.numpy()) < 1e-12
+    assert relative_error(layer.running_var, module.running_var.numpy()) < 1e-12
+    assert layer.num_batches_tracked == int(module.num_batches_tracked) == 3
