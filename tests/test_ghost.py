@@ -220,3 +220,16 @@ def test_ghost_batches_match_torch_batchnorm_on_each_chunk() -> None:
     assert relative_error(layer.running_mean, module.running_mean.numpy()) < 1e-12
     assert relative_error(layer.running_var, module.running_var.numpy()) < 1e-12
     assert layer.num_batches_tracked == int(module.num_batches_tracked) == 3
+
+
+def test_attributes_set_by_hand_are_checked_at_the_next_step() -> None:
+    ghost = bn.BatchNorm(2)
+    ghost.ghost_batch_size = 0
+    before = snapshot(ghost)
+    with pytest.raises(ValueError, match="ghost_batch_size must be None"):
+        ghost(np.ones((4, 2)))
+    assert snapshot(ghost) == before
+    frozen = bn.BatchNorm(2, track_running_stats=False)
+    frozen.frozen = True
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        frozen(np.ones((4, 2)))

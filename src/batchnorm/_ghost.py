@@ -39,6 +39,7 @@ def spans(shape: tuple[int, ...], axis: int, k: int | None) -> list[tuple[int, i
     hold two values per channel; this is checked before anything is computed.
     """
     n = shape[0]
+    k = _validate.ghost_batch_size(k)  # also when the attribute was set by hand
     if k is None:
         return [(0, n)]
     ax = _validate.channel_axis(shape, axis)

@@ -187,7 +187,8 @@ class BatchNorm:
         """
         xa = _validate.layer_input(x, self.num_features, self.axis)
         if self.frozen or not (self.training or not self.track_running_stats):
-            assert self.running_mean is not None and self.running_var is not None
+            if self.running_mean is None or self.running_var is None:  # frozen set by hand
+                raise _validate.frozen_needs_running_stats()
             y, cache = forward_eval(
                 xa,
                 self.gamma,
