@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import layer_snapshot as snapshot
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm.gradcheck import numerical_gradient, relative_error
@@ -233,3 +235,31 @@ def test_attributes_set_by_hand_are_checked_at_the_next_step() -> None:
     frozen.frozen = True
     with pytest.raises(ValueError, match="track_running_stats=False"):
         frozen(np.ones((4, 2)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    c=st.integers(1, 3),
+    spatial=st.sampled_from([(), (1,), (3,), (2, 2)]),
+    k=st.integers(1, 13),
+    seed=st.integers(0, 2**16),
+    channels_last=st.booleans(),
+)
+def test_any_split_equals_batchnorm_on_each_ghost_batch(
+    n: int, c: int, spatial: tuple[int, ...], k: int, seed: int, channels_last: bool
+) -> None:
+    per_sample = int(np.prod(spatial))
+    assume(all((min(lo + k, n) - lo) * per_sample >= 2 for lo in range(0, n, k)))
+    axis = -1 if channels_last else 1
+    shape = (n, *spatial, c) if channels_last else (n, c, *spatial)
+    rng = np.random.default_rng(seed)
+    x, dy = rng.normal(1.0, 3.0, size=shape), rng.normal(size=shape)
+    ghost, plain = layers(c, k, axis, seed)
+    y, dx = ghost(x), ghost.backward(dy)
+    y_ref, dx_ref, dgamma, dbeta = per_ghost(plain, x, dy, k)
+    assert relative_error(y, y_ref) < 1e-12
+    assert relative_error(dx, dx_ref) < 1e-12
+    assert relative_error(ghost.dgamma, dgamma) < 1e-12
+    assert relative_error(ghost.dbeta, dbeta) < 1e-12
+    assert np.array_equal(ghost.running_var, plain.running_var)

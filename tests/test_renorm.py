@@ -278,3 +278,18 @@ def test_state_save_load_freeze_and_precise_bn(tmp_path: Path) -> None:
     bn.precise_bn(layer, data, num_batches_precise=3, layers=[layer])
     np.testing.assert_allclose(layer.running_mean, np.concatenate(data).mean(axis=0), rtol=1e-12)
     assert layer.frozen
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_output_keeps_the_input_dtype(dtype: type) -> None:
+    rng = np.random.default_rng(13)
+    layer = layer_with(3, rng, rmax=1.5, dmax=0.5)
+    x = rng.normal(2.0, 3.0, size=(8, 3, 2)).astype(dtype)
+    reference = copy.deepcopy(layer)
+    y = layer(x)
+    assert y.dtype == dtype
+    assert layer.running_mean.dtype == np.float64
+    expected = reference(x.astype(np.float64))
+    tolerance = {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    assert relative_error(y, expected) < tolerance
+    assert layer.backward(np.ones_like(y)).dtype == dtype
