@@ -482,16 +482,11 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.num_features}, eps={self.eps:g}, "
-            f"momentum={self.momentum}, {self._repr_options()}axis={self.axis}, "
-            f"ghost_batch_size={self.ghost_batch_size}, frozen={self.frozen}, "
-            f"mode={'train' if self.training else 'eval'})"
-        )
-
-    def _repr_options(self) -> str:
-        return (
+            f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"unbiased={self.unbiased}, "
+            f"unbiased={self.unbiased}, axis={self.axis}, ghost_batch_size="
+            f"{self.ghost_batch_size}, frozen={self.frozen}, "
+            f"mode={'train' if self.training else 'eval'})"
         )
 
 

@@ -180,8 +180,11 @@ class BatchRenorm(BatchNorm):
         rmax, dmax = float(entry("config_rmax", "f")), float(entry("config_dmax", "f"))
         return cls(*args, rmax=rmax, dmax=dmax, **config)
 
-    def _repr_options(self) -> str:
+    def __repr__(self) -> str:
         return (
+            f"BatchRenorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
             f"rmax={self.rmax:g}, dmax={self.dmax:g}, affine={self.affine}, "
-            f"unbiased={self.unbiased}, "
+            f"unbiased={self.unbiased}, axis={self.axis}, ghost_batch_size="
+            f"{self.ghost_batch_size}, frozen={self.frozen}, "
+            f"mode={'train' if self.training else 'eval'})"
         )
