@@ -12,7 +12,17 @@ import numpy as np
 
 import batchnorm as bn
 
-CONFIG = ("num_features", "eps", "momentum", "affine", "track_running_stats", "unbiased", "axis")
+CONFIG = (
+    "num_features",
+    "eps",
+    "momentum",
+    "affine",
+    "track_running_stats",
+    "unbiased",
+    "axis",
+    "ghost_batch_size",
+    "frozen",
+)
 STATE = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked", "training")
 
 

@@ -22,6 +22,7 @@ MODULES = [
     "batchnorm.gradcheck",
     "batchnorm.fold",
     "batchnorm.distributed",
+    "batchnorm.renorm",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that

@@ -126,3 +126,57 @@ def test_precise_accuracy_leaves_the_ema_untouched(common: Any) -> None:
     assert np.allclose(used[0]["running_mean"], features.mean(axis=0))
     assert not np.allclose(used[0]["running_mean"], before[0]["running_mean"])
     assert model.training
+
+
+def _png_ok(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] >= 200 and image.shape[1] >= 300, image.shape
+    assert image.std() > 0.01, f"{path} looks blank"
+
+
+def _results(stdout: str, pattern: str) -> dict[tuple[str, str], float]:
+    found = re.findall(rf"^test accuracy \({pattern}, ([^)]+)\): ([0-9.]+)$", stdout, re.MULTILINE)
+    return {(key, method): float(value) for key, method, value in found}
+
+
+@pytest.mark.slow
+def test_domain_shift_adabn_undoes_an_affine_shift(tmp_path: Path) -> None:
+    stdout = run_quick("domain_shift.py", tmp_path, "--out", str(tmp_path))
+    acc = _results(stdout, "([a-z]+)")
+    domains = ("source", "contrast", "gamma", "noise", "inverted")
+    assert {d for d, _ in acc} == set(domains), stdout
+    assert acc["source", "EMA"] > 0.85, stdout
+    # An affine map of the pixels is an affine map of the first layer's features, which
+    # statistics recomputed on the target undo: the clean accuracy comes back (up to eps).
+    assert abs(acc["contrast", "AdaBN"] - acc["source", "PreciseBN"]) <= 1 / 360 + 1e-9, stdout
+    assert acc["contrast", "AdaBN"] > acc["contrast", "PreciseBN"] + 0.05, stdout
+    assert stdout.count("| inverted |") == 1, stdout
+    _png_ok(tmp_path / "domain_shift.png")
+
+
+@pytest.mark.slow
+def test_batch_size_study_runs_and_plots(tmp_path: Path) -> None:
+    stdout = run_quick("batch_size_study.py", tmp_path, "--out", str(tmp_path))
+    acc = _results(stdout, "k=([0-9]+)")
+    assert {k for k, _ in acc} == {"2", "8", "32", "128"}, stdout
+    assert {m for _, m in acc} == {"EMA", "PreciseBN", "mini-batch"}, stdout
+    assert all(0.0 <= v <= 1.0 for v in acc.values()), stdout
+    # Normalizing ghost batches of the whole SGD batch is BatchNorm, which learns the digits.
+    assert acc["128", "PreciseBN"] > 0.85 and acc["128", "mini-batch"] > 0.85, stdout
+    assert stdout.count("| 32 |") == 1, stdout
+    _png_ok(tmp_path / "batch_size_study.png")
+
+
+@pytest.mark.parametrize("script", ["domain_shift.py", "batch_size_study.py"])
+def test_new_studies_show_their_defaults_in_help(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(default:" in done.stdout and "--out" in done.stdout and "--quick" in done.stdout

@@ -553,6 +553,8 @@ SAVED_KINDS: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "config_unbiased": ("b", ()),
     "config_axis": ("iu", ()),
     "config_training": ("b", ()),
+    "config_ghost_batch_size": ("iu", ()),
+    "config_frozen": ("b", ()),
     "weight": ("iuf", None),
     "bias": ("iuf", None),
     "running_mean": ("iuf", None),

@@ -1,7 +1,8 @@
 """batchnorm: the reference Batch Normalization in pure NumPy.
 
 The kernels (``forward_train``, ``forward_eval``, ``backward``) hold all the math; the
-``BatchNorm`` layer keeps parameters and running statistics; ``precise_bn`` recomputes
+``BatchNorm`` layer keeps parameters and running statistics (``BatchRenorm`` is its Batch
+Renormalization variant); ``precise_bn`` recomputes
 population statistics after training. Submodules ``gradcheck`` and ``fold`` hold the gradient
 checks and the folding of BatchNorm into a preceding linear or conv layer; ``distributed`` holds
 synchronized BatchNorm across workers (MPI or threads; mpi4py is imported only by MPIGroup).
@@ -11,12 +12,14 @@ from batchnorm import distributed, fold, gradcheck
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
+from batchnorm.renorm import BatchRenorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "BatchNormCache",
+    "BatchRenorm",
     "PopulationStats",
     "__version__",
     "backward",

@@ -31,17 +31,17 @@ class Snapshot(NamedTuple):
     momentum: float | None
     num_batches_tracked: int | None
     arrays: dict[str, NDArray[np.float64]]
-    cache: BatchNormCache | None
-    groups: tuple[Any, Any]
+    caches: tuple[BatchNormCache | None, Any, Any]
+    group: Any
 
 
 def snapshot(layer: BatchNorm) -> Snapshot:
-    """Mode, momentum, counter, parameters, running statistics, last cache and group."""
+    """Mode, momentum, counter, parameters, running statistics, last caches and group."""
     names = ("gamma", "beta", "running_mean", "running_var")
     arrays = {n: getattr(layer, n).copy() for n in names if getattr(layer, n) is not None}
-    groups = (layer.group, layer._cache_group)
+    caches = (layer._cache, layer._cache_group, layer._parts)
     return Snapshot(
-        layer.training, layer.momentum, layer.num_batches_tracked, arrays, layer._cache, groups
+        layer.training, layer.momentum, layer.num_batches_tracked, arrays, caches, layer.group
     )
 
 
@@ -52,8 +52,8 @@ def restore(layer: BatchNorm, state: Snapshot) -> None:
     layer.num_batches_tracked = state.num_batches_tracked
     for name, value in state.arrays.items():
         np.copyto(getattr(layer, name), value)
-    layer._cache = state.cache
-    layer.group, layer._cache_group = state.groups
+    layer._cache, layer._cache_group, layer._parts = state.caches
+    layer.group = state.group
 
 
 def train_all(named: list[tuple[str, BatchNorm]]) -> None:

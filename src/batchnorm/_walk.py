@@ -36,8 +36,13 @@ def named_layers(layers: Iterable[BatchNorm]) -> list[tuple[str, BatchNorm]]:
 
 
 def find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
-    """Every BatchNorm with running statistics reachable from model, depth first, each once."""
-    found = [(path, layer) for path, layer in reachable(model) if layer.track_running_stats]
+    """Every BatchNorm with running statistics that is not frozen, reachable from model, depth
+    first, each once."""
+    found = [
+        (path, layer)
+        for path, layer in reachable(model)
+        if layer.track_running_stats and not layer.frozen
+    ]
     if not found:
         raise _validate.no_layers_found()
     return found

@@ -6,52 +6,20 @@ state and decides which kernel to call.
 
 from __future__ import annotations
 
-import functools
-import math
 import os
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _validate
+from batchnorm import _exchange, _ghost, _saved, _validate
+from batchnorm._ghost import Part
+from batchnorm._saved import LoadResult
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 
 __all__ = ["BatchNorm", "LoadResult"]
-
-_FORMAT = "batchnorm.BatchNorm/1"
-# A saved layer holds a few (C,) vectors; a member declaring more bytes than this (16M float64
-# channels) is not one of our files, and is refused before anything is allocated for it.
-_MAX_MEMBER_BYTES = 1 << 27
-
-
-_P = ParamSpec("_P")
-
-
-def _refuse_num_dims(init: Callable[_P, None]) -> Callable[_P, None]:
-    """Check the positional eps of ``__init__(self, num_features, eps, ...)``.
-
-    Only a positional int >= 1 is refused (d2l's ``BatchNorm(num_features, num_dims)``): an
-    explicit ``eps=4`` by keyword means what it says.
-    """
-
-    @functools.wraps(init)
-    def checked(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        if len(args) > 2:
-            _validate.positional_eps(args[2])
-        init(*args, **kwargs)
-
-    return checked
-
-
-class LoadResult(NamedTuple):
-    """Keys of a non-strict :meth:`BatchNorm.load_state_dict` that were not both present."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
 
 
 class BatchNorm:
@@ -90,6 +58,16 @@ class BatchNorm:
         output is always normalized with the biased batch variance.
     axis : int, default 1
         The channel axis; -1 for channels-last.
+    ghost_batch_size : int or None, default None
+        k: in training mode, normalize each run of k consecutive samples along axis 0 (the
+        last run may be shorter) with its own statistics, sharing gamma and beta (ghost batch
+        normalization, Hoffer et al. 2017). The running statistics are updated once per ghost
+        batch, in order, exactly as calling the layer on each ghost batch would. Eval mode
+        ignores it. None: the whole batch. See docs/variants.md.
+    frozen : bool, default False
+        Normalize with the running statistics in every mode and never update them; gamma and
+        beta still get gradients (backward is eval mode's). Needs track_running_stats=True.
+        :func:`batchnorm.precise_bn` skips frozen layers unless they are named in ``layers``.
     group : group of workers, optional
         Synchronized BatchNorm (see :mod:`batchnorm.distributed`): in training mode the batch
         statistics are those of every rank's part together (one allgather per forward and one
@@ -108,6 +86,9 @@ class BatchNorm:
         Set by :meth:`backward`.
     training : bool
         True after construction and :meth:`train`; False after :meth:`eval`.
+    ghost_batch_size : int or None
+    frozen : bool
+        Set by :meth:`freeze`.
 
     Notes
     -----
@@ -125,9 +106,15 @@ class BatchNorm:
     >>> layer.num_batches_tracked, layer.dgamma.shape
     (1, (3,))
     >>> y_eval = layer.eval()(x)            # eval mode: running statistics
+    >>> ghost = bn.BatchNorm(3, ghost_batch_size=16)
+    >>> _ = ghost(x); ghost.num_batches_tracked  # 64 samples: 4 ghost batches
+    4
     """
 
-    @_refuse_num_dims
+    _format: ClassVar[str] = "batchnorm.BatchNorm/1"
+    _config_keys: ClassVar[tuple[str, ...]] = _saved.CONFIG_KEYS
+
+    @_validate.refuse_num_dims
     def __init__(
         self,
         num_features: int,
@@ -138,6 +125,8 @@ class BatchNorm:
         track_running_stats: bool = True,
         unbiased: bool = True,
         axis: int = 1,
+        ghost_batch_size: int | None = None,
+        frozen: bool = False,
         group: _exchange.Group | None = None,
     ) -> None:
         self.num_features = _validate.num_features(num_features)
@@ -147,6 +136,9 @@ class BatchNorm:
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")
         self.axis = _validate.axis_value(axis)
+        self.ghost_batch_size = _validate.ghost_batch_size(ghost_batch_size)
+        self.frozen = False
+        self.freeze(frozen)
         self.group: _exchange.Group | None = _validate.group_value(group)
         c = self.num_features
         self.gamma: NDArray[np.float64] | None = np.ones(c) if self.affine else None
@@ -159,6 +151,9 @@ class BatchNorm:
         self.dbeta: NDArray[np.float64] | None = None
         self.training = True
         self._cache: BatchNormCache | None = None
+        # The normalization batches of the last training forward (ghost batches), valid while
+        # their last cache is self._cache.
+        self._parts: tuple[Part, ...] = ()
         self._cache_group: _exchange.Group | None = None  # the group of the cached forward
         # Called with the cache of every training-mode forward, after its statistics passed the
         # finiteness check: how precise_bn sees each call's batch statistics.
@@ -169,40 +164,29 @@ class BatchNorm:
     def forward(self, x: ArrayLike) -> NDArray[np.floating[Any]]:
         """Normalize x; in training mode also record its statistics.
 
-        Training mode (or ``track_running_stats=False``) normalizes with the batch statistics;
-        training mode with tracking then updates ``running_mean``, ``running_var`` and
-        ``num_batches_tracked``. Eval mode normalizes with the running statistics.
+        Training mode (or ``track_running_stats=False``) normalizes with the batch statistics
+        (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
+        ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
+        layer in every mode, normalizes with the running statistics.
 
         Returns y with the shape and dtype of x.
 
         Raises
         ------
         TypeError, ValueError
-            Bad input (see :func:`batchnorm.forward_train`); nothing changes.
+            Bad input (see :func:`batchnorm.forward_train`), or a ghost batch with one value
+            per channel; nothing changes.
         FloatingPointError
             In training mode, when a channel's batch mean or variance is NaN or inf; names the
             channels; nothing changes.
         """
-        group = self.group if self.training else None
-        use_batch_stats = self.training or not self.track_running_stats
-        if group is not None:  # x is checked inside the exchange, which every rank joins
-            y, cache = _exchange.forward_train(
-                x, self.gamma, self.beta, group, eps=self.eps, axis=self.axis,
-                num_features=self.num_features,
-            )  # fmt: skip
-        else:  # the kernel checks x; the layer adds only what the kernel cannot know
-            _validate.layer_channels(x, self.num_features, self.axis)
-            if use_batch_stats:
-                y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
-        if use_batch_stats:
-            if self.training:
-                _validate.finite_statistics(cache.mean, cache.var)
-                for observe in self._observers:
-                    observe(cache)
-                if self.track_running_stats:
-                    self._record(cache)
-        else:
-            assert self.running_mean is not None and self.running_var is not None
+        if self.training and not self.frozen:
+            return self._forward_train(x)
+        # The kernel checks x; the layer adds only what the kernel cannot know.
+        _validate.layer_channels(x, self.num_features, self.axis)
+        if self.frozen or self.track_running_stats:
+            if self.running_mean is None or self.running_var is None:  # frozen set by hand
+                raise _validate.frozen_needs_running_stats()
             y, cache = forward_eval(
                 x,
                 self.gamma,
@@ -212,33 +196,83 @@ class BatchNorm:
                 eps=self.eps,
                 axis=self.axis,
             )
-        self._cache, self._cache_group = cache, group
+        else:  # eval mode, track_running_stats=False: this rank's batch statistics
+            y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        self._cache, self._parts, self._cache_group = cache, (), None
         return y
 
     __call__ = forward
 
-    def _record(self, cache: BatchNormCache) -> None:
-        """Fold one batch's statistics into the running statistics (all or nothing)."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        count = self.num_batches_tracked + 1
+    def _forward_train(self, x: ArrayLike) -> NDArray[np.floating[Any]]:
+        """Training mode: normalize each part, then record them all (all or nothing)."""
+        if self.group is None:  # with a group, x is checked in the exchange every rank joins
+            _validate.layer_channels(x, self.num_features, self.axis)
+        if self.ghost_batch_size is None:
+            xa, bounds = x, None
+        else:
+            if self.group is not None:
+                _validate.no_group("ghost_batch_size")
+            xa = _validate.layer_input(x, self.num_features, self.axis)
+            bounds = _ghost.spans(xa.shape, self.axis, self.ghost_batch_size)
+        running = None
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            running = (self.running_mean, self.running_var, self.num_batches_tracked)
+        outputs, parts = [], []
+        for piece in [xa] if bounds is None else [xa[lo:hi] for lo, hi in bounds]:  # type: ignore[index]
+            y, part = self._normalize(piece, running)
+            _validate.finite_statistics(part.cache.mean, part.cache.var)
+            if running is not None:
+                running = self._advance(running, part.cache)
+            outputs.append(y)
+            parts.append(part)
+        for part in parts:
+            for observe in self._observers:
+                observe(part.cache)
+        if running is not None:
+            # Every value is computed before anything is written, and these writes cannot fail.
+            assert self.running_mean is not None and self.running_var is not None
+            np.copyto(self.running_mean, running[0])
+            np.copyto(self.running_var, running[1])
+            self.num_batches_tracked = running[2]
+        self._cache, self._parts, self._cache_group = parts[-1].cache, tuple(parts), self.group
+        return outputs[0] if bounds is None else _ghost.join(xa, outputs, bounds)  # type: ignore[arg-type]
+
+    def _normalize(
+        self, x: ArrayLike, running: tuple[Any, Any, int] | None
+    ) -> tuple[NDArray[np.floating[Any]], Part]:
+        """One normalization batch with its own statistics (BatchRenorm also uses `running`)."""
+        if self.group is not None:
+            y, cache = _exchange.forward_train(
+                x, self.gamma, self.beta, self.group, eps=self.eps, axis=self.axis,
+                num_features=self.num_features,
+            )  # fmt: skip
+        else:
+            y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        return y, Part(cache)
+
+    def _advance(
+        self, running: tuple[Any, Any, int], cache: BatchNormCache
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
+        """The running statistics after one more batch; nothing is written."""
+        mean, var, tracked = running
+        count = tracked + 1
         # momentum weights the old value; None: the cumulative average over `count` batches.
         keep = 1.0 - 1.0 / count if self.momentum is None else self.momentum
         m = cache.count
         batch_var = cache.var * (m / (m - 1)) if self.unbiased else cache.var
-        new_mean = keep * self.running_mean + (1.0 - keep) * cache.mean
-        new_var = keep * self.running_var + (1.0 - keep) * batch_var
-        # Every value is computed before anything is written, and these writes cannot fail.
-        np.copyto(self.running_mean, new_mean)
-        np.copyto(self.running_var, new_var)
-        self.num_batches_tracked = count
+        new_mean = keep * mean + (1.0 - keep) * cache.mean
+        new_var = keep * var + (1.0 - keep) * batch_var
+        return new_mean, new_var, count
 
     def backward(self, dy: ArrayLike) -> NDArray[np.floating[Any]]:
         """Gradient with respect to the last forward's input; sets ``dgamma`` and ``dbeta``.
 
-        Works after a training-mode forward (gradients through the batch statistics) and after
-        an eval-mode forward (statistics are constants: ``dx = dy * gamma / sqrt(var + eps)``),
-        for fine-tuning with frozen BatchNorm. May be called more than once per forward.
+        Works after a training-mode forward (gradients through the batch statistics; with
+        ghost batches, through each ghost batch's own, and dgamma, dbeta summed over them) and
+        after an eval-mode or frozen forward (statistics are constants: ``dx = dy * gamma /
+        sqrt(var + eps)``). May be called more than once per forward.
 
         Raises
         ------
@@ -249,12 +283,20 @@ class BatchNorm:
         """
         if self._cache is None:
             raise _validate.backward_before_forward()
-        if self._cache_group is not None:
-            dx, dgamma, dbeta = _exchange.backward(dy, self._cache, self._cache_group)
+        parts = self._parts
+        if not parts or parts[-1].cache is not self._cache:
+            parts = (Part(self._cache),)
+        if len(parts) == 1:
+            dx, dgamma, dbeta = self._backward_part(dy, parts[0])
         else:
-            dx, dgamma, dbeta = backward(dy, self._cache)
+            dx, dgamma, dbeta = _ghost.backward(dy, parts, self._backward_part)
         self.dgamma, self.dbeta = dgamma, dbeta
         return dx
+
+    def _backward_part(self, dy: ArrayLike, part: Part) -> _ghost.Gradients:
+        if self._cache_group is not None:
+            return _exchange.backward(dy, part.cache, self._cache_group)
+        return backward(dy, part.cache)
 
     # --- mode ----------------------------------------------------------------------------------
 
@@ -266,6 +308,32 @@ class BatchNorm:
     def eval(self) -> BatchNorm:
         """Set eval mode (normalize with running statistics) and return the layer."""
         return self.train(False)
+
+    def freeze(self, frozen: bool = True) -> BatchNorm:
+        """Freeze the layer (``frozen=False``: unfreeze it) and return it.
+
+        A frozen layer normalizes with its running statistics in every mode and never updates
+        them; gamma and beta still get gradients from :meth:`backward` (eval mode's backward).
+        detectron2's ``FrozenBatchNorm2d`` is a frozen layer whose dgamma and dbeta are ignored.
+
+        Raises
+        ------
+        ValueError
+            The layer has ``track_running_stats=False``: no statistics to freeze.
+
+        Examples
+        --------
+        >>> import numpy as np, batchnorm as bn
+        >>> layer = bn.BatchNorm(2).freeze()
+        >>> y = layer(np.random.default_rng(0).normal(size=(8, 2)))   # training mode
+        >>> layer.num_batches_tracked, layer.running_mean
+        (0, array([0., 0.]))
+        """
+        frozen = _validate.flag(frozen, "frozen")
+        if frozen and not self.track_running_stats:
+            raise _validate.frozen_needs_running_stats()
+        self.frozen = frozen
+        return self
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -304,29 +372,13 @@ class BatchNorm:
             self.gamma.fill(1.0)
             self.beta.fill(0.0)
 
-    def _state_keys(self) -> tuple[str, ...]:
-        affine = ("weight", "bias") if self.affine else ()
-        tracked = (
-            ("running_mean", "running_var", "num_batches_tracked")
-            if self.track_running_stats
-            else ()
-        )
-        return affine + tracked
-
     def state_dict(self) -> dict[str, NDArray[Any]]:
         """Copies of the parameters and buffers under PyTorch's keys.
 
         ``weight`` (gamma), ``bias`` (beta), ``running_mean``, ``running_var`` (float64, shape
         (C,)) and ``num_batches_tracked`` (0-d int64), each present only when the layer has it.
         """
-        values: dict[str, Any] = {
-            "weight": self.gamma,
-            "bias": self.beta,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "num_batches_tracked": self.num_batches_tracked,
-        }
-        return {key: np.array(values[key], dtype=_dtype_of(key)) for key in self._state_keys()}
+        return _saved.state_dict(self)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Load parameters and buffers from a mapping with PyTorch's keys.
@@ -347,58 +399,16 @@ class BatchNorm:
                 {k.removeprefix("bn1."): v for k, v in state.items() if k.startswith("bn1.")}
             )
         """
-        expected = self._state_keys()
-        _validate.state_keys(state, expected, strict)
-        checked: dict[str, Any] = {}
-        for key in expected:
-            if key not in state:
-                continue
-            if key == "num_batches_tracked":
-                checked[key] = _validate.state_counter(state[key])
-            else:
-                checked[key] = _validate.state_vector(state[key], key, self.num_features)
-        # Everything is valid: now load it all.
-        targets = {
-            "weight": self.gamma,
-            "bias": self.beta,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-        }
-        for key, value in checked.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = value
-            else:
-                target = targets[key]
-                assert target is not None
-                np.copyto(target, value)
-        return LoadResult(
-            missing_keys=[k for k in expected if k not in state],
-            unexpected_keys=sorted(str(k) for k in state if k not in expected),
-        )
+        return _saved.load_state_dict(self, state, strict)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the hyperparameters, mode and state to an ``.npz`` file; return its path.
 
         NumPy appends ``.npz`` when the name has no such suffix. No pickled objects are written,
-        so :meth:`load` can read the file with ``allow_pickle=False``.
+        so :meth:`load` can read the file with ``allow_pickle=False``. The group of a
+        synchronized layer is not saved.
         """
-        target = Path(path)
-        if target.suffix != ".npz":
-            target = target.with_name(target.name + ".npz")
-        entries: dict[str, Any] = {
-            "format": np.array(_FORMAT),
-            "config_num_features": np.array(self.num_features),
-            "config_eps": np.array(self.eps),
-            "config_momentum": np.array(np.nan if self.momentum is None else self.momentum),
-            "config_affine": np.array(self.affine),
-            "config_track_running_stats": np.array(self.track_running_stats),
-            "config_unbiased": np.array(self.unbiased),
-            "config_axis": np.array(self.axis),
-            "config_training": np.array(self.training),
-        }
-        entries.update(self.state_dict())
-        np.savez(target, **entries)
-        return target
+        return _saved.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BatchNorm:
@@ -409,85 +419,29 @@ class BatchNorm:
         FileNotFoundError
             No such file.
         ValueError
-            The file is truncated, malformed, holds pickled objects or values that fail the
-            checks of :meth:`load_state_dict`; no code from the file is ever executed.
+            The file is truncated, malformed, holds pickled objects, unknown or repeated
+            entries, or values that fail the checks of :meth:`load_state_dict`; no code from
+            the file is ever executed.
         """
-        arrays = _read_npz(path)
-        if arrays.get("format") is None or str(arrays["format"]) != _FORMAT:
-            raise _validate.saved_file(path, f"its 'format' entry is not {_FORMAT!r}")
-        try:
-            # Each entry must have the dtype kind save() writes: a file is refused, never
-            # reinterpreted (a string eps, a bool axis).
-            entry = functools.partial(_validate.saved_scalar, arrays)
-            momentum = float(entry("config_momentum", "f"))
-            num_features = int(entry("config_num_features", "iu"))
-            for key in _validate.STATE_KEYS[:4]:
-                # Check the width against the saved vectors before allocating any state.
-                if key in arrays:
-                    _validate.saved_width(key, arrays[key].shape, num_features)
-            layer = cls(
-                num_features,
-                eps=float(entry("config_eps", "f")),
-                momentum=None if math.isnan(momentum) else momentum,
-                affine=bool(entry("config_affine", "b")),
-                track_running_stats=bool(entry("config_track_running_stats", "b")),
-                unbiased=bool(entry("config_unbiased", "b")),
-                axis=int(entry("config_axis", "iu")),
-            )
-            state = {k: v for k, v in arrays.items() if k in _validate.STATE_KEYS}
-            layer.load_state_dict(state, strict=True)
-            layer.train(bool(entry("config_training", "b")))
-        except (KeyError, TypeError, ValueError) as err:
-            raise _validate.saved_file(path, str(err)) from err
+        layer: BatchNorm = _saved.load(cls, path)
         return layer
+
+    def _extra_entries(self) -> dict[str, Any]:
+        """Configuration a subclass saves besides BatchNorm's."""
+        return {}
+
+    @classmethod
+    def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
+        """A new layer from the saved configuration (subclasses read their own entries)."""
+        return cls(*args, **config)
 
     def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"unbiased={self.unbiased}, axis={self.axis}, "
+            f"unbiased={self.unbiased}, axis={self.axis}, ghost_batch_size="
+            f"{self.ghost_batch_size}, frozen={self.frozen}, "
             f"mode={'train' if self.training else 'eval'}"
             + ("" if self.group is None else f", group={self.group!r}")
             + ")"
         )
-
-
-def _dtype_of(key: str) -> type[np.generic]:
-    return np.int64 if key == "num_batches_tracked" else np.float64
-
-
-def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:
-    """Read every array of an .npz file, checking each header before reading its data."""
-    arrays: dict[str, NDArray[Any]] = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    raise ValueError(f"unexpected member {info.filename!r}")
-                with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, _, dtype = read_header(member)
-                if dtype.hasobject:
-                    raise ValueError(f"{info.filename!r} holds Python objects")
-                if math.prod(shape) * dtype.itemsize > _MAX_MEMBER_BYTES:
-                    raise ValueError(
-                        f"{info.filename!r} declares a {dtype} array of shape {shape}, "
-                        "far larger than any saved layer"
-                    )
-                with archive.open(info) as member:
-                    arrays[info.filename[:-4]] = np.lib.format.read_array(
-                        member, allow_pickle=False
-                    )
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        # A damaged archive fails in many ways besides BadZipFile (an unknown compression
-        # method, the encryption flag, a zlib error, ...); whatever the way, the file is not
-        # one BatchNorm.save wrote.
-        raise _validate.saved_file(path, f"{type(err).__name__}: {err}") from err
-    return arrays

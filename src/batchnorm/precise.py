@@ -189,7 +189,9 @@ def precise_bn(
         How many batches to use. About 10^3 to 10^4 samples in all are reported to suffice.
     layers : iterable of BatchNorm, optional
         The layers to recompute. None: every BatchNorm with running statistics reachable from
-        ``model`` through attributes, lists, tuples and dicts (each once; cycles are safe).
+        ``model`` through attributes, lists, tuples and dicts (each once; cycles are safe),
+        except frozen ones. A frozen layer named here is recomputed like any other (batch
+        statistics during the pass) and stays frozen.
     progress : bool, default False
         Show a progress bar (needs tqdm: ``pip install tqdm`` or the ``progress`` extra).
     mode : {"train", "sequential"}, default "train"
@@ -267,9 +269,12 @@ def precise_bn(
     others = [layer for _, layer in _walk.reachable(model) if id(layer) not in chosen]
     protected = [layer for _, layer in named] + others
     saved = [_pass.snapshot(layer) for layer in protected]
+    thawed = [layer for _, layer in named if layer.frozen]
     try:
         for layer in protected:  # no communication during the pass: pooled afterwards
             layer.group = None
+        for layer in thawed:  # a frozen layer named in `layers` is measured like any other
+            layer.frozen = False
         if mode == "train":
             _pass.train_all(named)
             results, used = _measure(model, batches, wanted, named, range(len(named)), bar,
@@ -277,6 +282,8 @@ def precise_bn(
         else:
             results, used = _sequential(model, batches, wanted, named, bar, group)
     finally:
+        for layer in thawed:
+            layer.frozen = True
         for layer, state in zip(protected, saved, strict=True):
             _pass.restore(layer, state)
     if used < wanted:
