@@ -33,16 +33,18 @@ class Snapshot(NamedTuple):
     arrays: dict[str, NDArray[np.float64]]
     caches: tuple[BatchNormCache | None, Any, Any]
     group: Any
+    frozen: bool
 
 
 def snapshot(layer: BatchNorm) -> Snapshot:
-    """Mode, momentum, counter, parameters, running statistics, last caches and group."""
+    """Mode, momentum, counter, parameters, running statistics, last caches, group, frozen."""
     names = ("gamma", "beta", "running_mean", "running_var")
     arrays = {n: getattr(layer, n).copy() for n in names if getattr(layer, n) is not None}
     caches = (layer._cache, layer._cache_group, layer._parts)
     return Snapshot(
-        layer.training, layer.momentum, layer.num_batches_tracked, arrays, caches, layer.group
-    )
+        layer.training, layer.momentum, layer.num_batches_tracked, arrays, caches, layer.group,
+        layer.frozen,
+    )  # fmt: skip
 
 
 def restore(layer: BatchNorm, state: Snapshot) -> None:
@@ -53,7 +55,7 @@ def restore(layer: BatchNorm, state: Snapshot) -> None:
     for name, value in state.arrays.items():
         np.copyto(getattr(layer, name), value)
     layer._cache, layer._cache_group, layer._parts = state.caches
-    layer.group = state.group
+    layer.group, layer.frozen = state.group, state.frozen
 
 
 def train_all(named: list[tuple[str, BatchNorm]]) -> None:

@@ -34,9 +34,8 @@ class BatchNorm:
         C, the number of channels.
     eps : float, default 1e-5
         Added to the variance: ``invstd = 1 / sqrt(var + eps)`` (PyTorch's default; Keras uses
-        1e-3). An int >= 1 given positionally is a TypeError: ``BatchNorm(6, 4)`` is d2l's
-        ``BatchNorm(num_features, num_dims)``, and no num_dims is needed here (a float such as
-        ``BatchNorm(6, 1e-3)`` is fine, and so is an int by keyword, ``eps=4``).
+        1e-3). A positional int >= 1 is a TypeError: ``BatchNorm(6, 4)`` is d2l's ``BatchNorm(
+        num_features, num_dims)``; no num_dims is needed here (``eps=4`` by keyword is fine).
     momentum : float in [0, 1] or None, default 0.9
         The weight of the OLD running value::
 
@@ -69,12 +68,10 @@ class BatchNorm:
         beta still get gradients (backward is eval mode's). Needs track_running_stats=True.
         :func:`batchnorm.precise_bn` skips frozen layers unless they are named in ``layers``.
     group : group of workers, optional
-        Synchronized BatchNorm (see :mod:`batchnorm.distributed`): in training mode the batch
-        statistics are those of every rank's part together (one allgather per forward and one
-        per backward), the running statistics are recorded from them with the whole group's
-        count m, bitwise the same on every rank, and ``dgamma``/``dbeta`` are this rank's
-        contributions (sum them over the ranks, as for any weight). Eval mode never
-        communicates. The group is not saved with the layer. None: this process alone.
+        Synchronized BatchNorm (:mod:`batchnorm.distributed`): training mode normalizes with
+        the statistics of every rank's part together and records them, with the whole group's
+        count, bitwise the same on every rank; ``dgamma``/``dbeta`` are this rank's
+        contributions. Eval mode never communicates. Not saved. None: this process alone.
 
     Attributes
     ----------
@@ -151,34 +148,22 @@ class BatchNorm:
         self.dbeta: NDArray[np.float64] | None = None
         self.training = True
         self._cache: BatchNormCache | None = None
-        # The normalization batches of the last training forward (ghost batches), valid while
-        # their last cache is self._cache.
+        # The normalization batches of the last training forward, while the last is _cache.
         self._parts: tuple[Part, ...] = ()
         self._cache_group: _exchange.Group | None = None  # the group of the cached forward
-        # Called with the cache of every training-mode forward, after its statistics passed the
-        # finiteness check: how precise_bn sees each call's batch statistics.
+        # Called with each checked training-mode cache: how precise_bn sees batch statistics.
         self._observers: list[Callable[[BatchNormCache], None]] = []
 
     # --- forward and backward ------------------------------------------------------------------
 
     def forward(self, x: ArrayLike) -> NDArray[np.floating[Any]]:
-        """Normalize x; in training mode also record its statistics.
+        """Normalize x (y has x's shape, dtype and layout); in training mode record statistics.
 
         Training mode (or ``track_running_stats=False``) normalizes with the batch statistics
         (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
         ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
-        layer in every mode, normalizes with the running statistics.
-
-        Returns y with the shape and dtype of x.
-
-        Raises
-        ------
-        TypeError, ValueError
-            Bad input (see :func:`batchnorm.forward_train`), or a ghost batch with one value
-            per channel; nothing changes.
-        FloatingPointError
-            In training mode, when a channel's batch mean or variance is NaN or inf; names the
-            channels; nothing changes.
+        layer in every mode, normalizes with the running statistics. Bad input (TypeError,
+        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing.
         """
         if self.training and not self.frozen:
             return self._forward_train(x)
@@ -187,15 +172,8 @@ class BatchNorm:
         if self.frozen or self.track_running_stats:
             if self.running_mean is None or self.running_var is None:  # frozen set by hand
                 raise _validate.frozen_needs_running_stats()
-            y, cache = forward_eval(
-                x,
-                self.gamma,
-                self.beta,
-                self.running_mean,
-                self.running_var,
-                eps=self.eps,
-                axis=self.axis,
-            )
+            y, cache = forward_eval(x, self.gamma, self.beta, self.running_mean,
+                                    self.running_var, eps=self.eps, axis=self.axis)  # fmt: skip
         else:  # eval mode, track_running_stats=False: this rank's batch statistics
             y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
         self._cache, self._parts, self._cache_group = cache, (), None
@@ -207,20 +185,20 @@ class BatchNorm:
         """Training mode: normalize each part, then record them all (all or nothing)."""
         if self.group is None:  # with a group, x is checked in the exchange every rank joins
             _validate.layer_channels(x, self.num_features, self.axis)
-        if self.ghost_batch_size is None:
-            xa, bounds = x, None
-        else:
+        pieces: list[Any] = [x]
+        if self.ghost_batch_size is not None:
             if self.group is not None:
                 _validate.no_group("ghost_batch_size")
             xa = _validate.layer_input(x, self.num_features, self.axis)
             bounds = _ghost.spans(xa.shape, self.axis, self.ghost_batch_size)
+            pieces = [xa[lo:hi] for lo, hi in bounds]
         running = None
         if self.track_running_stats:
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
             running = (self.running_mean, self.running_var, self.num_batches_tracked)
         outputs, parts = [], []
-        for piece in [xa] if bounds is None else [xa[lo:hi] for lo, hi in bounds]:  # type: ignore[index]
+        for piece in pieces:
             y, part = self._normalize(piece, running)
             _validate.finite_statistics(part.cache.mean, part.cache.var)
             if running is not None:
@@ -237,7 +215,7 @@ class BatchNorm:
             np.copyto(self.running_var, running[1])
             self.num_batches_tracked = running[2]
         self._cache, self._parts, self._cache_group = parts[-1].cache, tuple(parts), self.group
-        return outputs[0] if bounds is None else _ghost.join(xa, outputs, bounds)  # type: ignore[arg-type]
+        return outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
 
     def _normalize(
         self, x: ArrayLike, running: tuple[Any, Any, int] | None
@@ -254,7 +232,7 @@ class BatchNorm:
 
     def _advance(
         self, running: tuple[Any, Any, int], cache: BatchNormCache
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
+    ) -> tuple[Any, Any, int]:
         """The running statistics after one more batch; nothing is written."""
         mean, var, tracked = running
         count = tracked + 1
@@ -269,17 +247,11 @@ class BatchNorm:
     def backward(self, dy: ArrayLike) -> NDArray[np.floating[Any]]:
         """Gradient with respect to the last forward's input; sets ``dgamma`` and ``dbeta``.
 
-        Works after a training-mode forward (gradients through the batch statistics; with
-        ghost batches, through each ghost batch's own, and dgamma, dbeta summed over them) and
-        after an eval-mode or frozen forward (statistics are constants: ``dx = dy * gamma /
-        sqrt(var + eps)``). May be called more than once per forward.
-
-        Raises
-        ------
-        RuntimeError
-            No forward pass has been run.
-        ValueError
-            dy does not have the shape of the last forward's input.
+        After a training-mode forward the gradients run through the batch statistics (with
+        ghost batches each ghost batch's own, dgamma and dbeta summed over them); after an
+        eval-mode or frozen forward the statistics are constants (``dx = dy * gamma /
+        sqrt(var + eps)``). May be called more than once per forward. RuntimeError before any
+        forward; ValueError for a dy without the last input's shape.
         """
         if self._cache is None:
             raise _validate.backward_before_forward()
@@ -294,7 +266,7 @@ class BatchNorm:
         return dx
 
     def _backward_part(self, dy: ArrayLike, part: Part) -> _ghost.Gradients:
-        if self._cache_group is not None:
+        if self._cache_group is not None:  # the group of a synchronized training forward
             return _exchange.backward(dy, part.cache, self._cache_group)
         return backward(dy, part.cache)
 
@@ -316,10 +288,7 @@ class BatchNorm:
         them; gamma and beta still get gradients from :meth:`backward` (eval mode's backward).
         detectron2's ``FrozenBatchNorm2d`` is a frozen layer whose dgamma and dbeta are ignored.
 
-        Raises
-        ------
-        ValueError
-            The layer has ``track_running_stats=False``: no statistics to freeze.
+        A layer with ``track_running_stats=False`` has no statistics to freeze: ValueError.
 
         Examples
         --------
@@ -338,12 +307,8 @@ class BatchNorm:
     # --- state ---------------------------------------------------------------------------------
 
     def reset_running_stats(self) -> None:
-        """Set ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0.
-
-        The values of a fresh layer, written in place (arrays held elsewhere see the reset), as
-        PyTorch's ``reset_running_stats``. A layer with ``track_running_stats=False`` has no
-        running statistics: nothing happens.
-        """
+        """Set ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0, in
+        place, as PyTorch's ``reset_running_stats`` (nothing with track_running_stats=False)."""
         if self.running_mean is None or self.running_var is None:
             return
         self.running_mean.fill(0.0)
@@ -351,10 +316,8 @@ class BatchNorm:
         self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
-        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place.
-
-        As PyTorch's ``reset_parameters``: the layer's state is that of a fresh one (mode,
-        hyperparameters and the last gradients are kept).
+        """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place, as
+        PyTorch's ``reset_parameters`` (mode, hyperparameters and last gradients are kept).
 
         Examples
         --------
@@ -390,14 +353,11 @@ class BatchNorm:
         Every entry is checked (keys; shapes (C,); real dtype; finite; running_var >= 0;
         num_batches_tracked a non-negative int) before anything is loaded: on any error the
         layer is unchanged. ``strict=False`` loads the matching keys and reports the rest; a
-        state of which no key matches is an error in both modes (nothing would be loaded).
+        state of which no key matches is an error in both modes. A whole model's state (keys
+        such as ``bn1.running_mean``) is refused with the prefixes found; strip one::
 
-        A whole model's state (keys such as ``bn1.running_mean``) is refused with the prefixes
-        found; select one layer's entries and strip its prefix::
-
-            layer.load_state_dict(
-                {k.removeprefix("bn1."): v for k, v in state.items() if k.startswith("bn1.")}
-            )
+            layer.load_state_dict({k.removeprefix("bn1."): v for k, v in state.items()
+                                   if k.startswith("bn1.")})
         """
         return _saved.load_state_dict(self, state, strict)
 
@@ -412,17 +372,9 @@ class BatchNorm:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BatchNorm:
-        """Read a layer written by :meth:`save`.
-
-        Raises
-        ------
-        FileNotFoundError
-            No such file.
-        ValueError
-            The file is truncated, malformed, holds pickled objects, unknown or repeated
-            entries, or values that fail the checks of :meth:`load_state_dict`; no code from
-            the file is ever executed.
-        """
+        """Read a layer written by :meth:`save`: FileNotFoundError for no such file, ValueError
+        for one that is truncated, malformed, holds pickled objects, unknown or repeated
+        entries, or values that fail :meth:`load_state_dict`'s checks (never executed)."""
         layer: BatchNorm = _saved.load(cls, path)
         return layer
 

@@ -213,8 +213,7 @@ def precise_bn(
 
     Returns
     -------
-    list of LayerSummary
-        One per layer that was called, in the order the layers were found.
+    list of LayerSummary, one per layer that was called, in the order the layers were found
 
     Raises
     ------
@@ -232,9 +231,8 @@ def precise_bn(
     -----
     UserWarning
         Fewer batches than ``num_batches_precise`` on this rank (then the statistics of what
-        was seen; a rank with none warns too when others had some), a
-        chosen layer the model never called (its statistics are left as they were), or
-        ``progress=True`` without tqdm.
+        was seen), a chosen layer the model never called (its statistics are left as they
+        were), or ``progress=True`` without tqdm.
 
     Notes
     -----
@@ -262,18 +260,16 @@ def precise_bn(
     group = _validate.group_value(group)
     named = _walk.find_layers(model) if layers is None else _walk.named_layers(layers)
     bar = _pass.progress_bar() if progress else None
-    # Every reachable BatchNorm is restored afterwards, not only the chosen ones: a layer left
-    # out of `layers` but in training mode would otherwise record the pass in its running
-    # statistics.
+    # Every reachable BatchNorm is restored, not only the chosen ones: one left out of `layers`
+    # but in training mode would otherwise record the pass in its running statistics.
     chosen = {id(layer) for _, layer in named}
     others = [layer for _, layer in _walk.reachable(model) if id(layer) not in chosen]
     protected = [layer for _, layer in named] + others
     saved = [_pass.snapshot(layer) for layer in protected]
-    thawed = [layer for _, layer in named if layer.frozen]
     try:
         for layer in protected:  # no communication during the pass: pooled afterwards
             layer.group = None
-        for layer in thawed:  # a frozen layer named in `layers` is measured like any other
+        for _, layer in named:  # a frozen layer named in `layers` is measured like any other
             layer.frozen = False
         if mode == "train":
             _pass.train_all(named)
@@ -282,8 +278,6 @@ def precise_bn(
         else:
             results, used = _sequential(model, batches, wanted, named, bar, group)
     finally:
-        for layer in thawed:
-            layer.frozen = True
         for layer, state in zip(protected, saved, strict=True):
             _pass.restore(layer, state)
     if used < wanted:
