@@ -49,3 +49,15 @@ def examples_nn() -> ModuleType:
         sys.modules["examples_nn"] = module
         spec.loader.exec_module(module)
     return sys.modules["examples_nn"]
+
+
+def param_shape(ndim: int, axis: int) -> list[int]:
+    """The shape that broadcasts a (C,) vector against an ndim array with channels at axis."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    """Every axis but the channel axis: the axes a BatchNorm's statistics reduce over."""
+    return tuple(i for i in range(ndim) if i != axis % ndim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import param_shape, reduce_axes
 from normwise import normwise_error
 
 import batchnorm as bn
@@ -24,21 +25,11 @@ SHAPES_AXES = [
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
 
 
-def _param_shape(ndim: int, axis: int) -> list[int]:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return shape
-
-
-def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(ndim) if i != axis % ndim)
-
-
 def _reference_forward(x, gamma, beta, eps, axis, mean=None, var=None):
     """Textbook float64 BatchNorm with explicit broadcasting; batch statistics when mean is None."""
     x = np.asarray(x, dtype=np.float64)
-    axes = _reduce_axes(x.ndim, axis)
-    pshape = _param_shape(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     if mean is None:
         mean, var = x.mean(axis=axes), x.var(axis=axes)
     xhat = (x - np.reshape(mean, pshape)) / np.sqrt(np.reshape(var, pshape) + eps)
@@ -50,8 +41,8 @@ def _reference_forward(x, gamma, beta, eps, axis, mean=None, var=None):
 def _reference_backward_train(dy, x, gamma, eps, axis):
     """Backprop through the staged graph (mean -> var -> xhat -> y), not the compact formula."""
     x = np.asarray(x, dtype=np.float64)
-    axes = _reduce_axes(x.ndim, axis)
-    pshape = _param_shape(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     m = x.size // x.shape[axis]
     mu = x.mean(axis=axes, keepdims=True)
     xc = x - mu
@@ -72,7 +63,7 @@ def _data(shape, axis, seed=0, dtype=np.float64):
     """Well-conditioned data with a different mean and spread in every channel."""
     rng = np.random.default_rng(seed)
     c = shape[axis]
-    pshape = _param_shape(len(shape), axis)
+    pshape = param_shape(len(shape), axis)
     loc = rng.uniform(-3.0, 3.0, c).reshape(pshape)
     scale = rng.uniform(0.5, 2.0, c).reshape(pshape)
     x = (rng.standard_normal(shape) * scale + loc).astype(dtype)
@@ -95,7 +86,7 @@ def test_forward_train_matches_textbook(shape, axis, affine):
     y, cache = bn.forward_train(x, g, b, eps=1e-3, axis=axis)
     assert y.shape == x.shape
     assert normwise_error(y, _reference_forward(x, g, b, 1e-3, axis)) < 1e-13
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     np.testing.assert_allclose(cache.mean, x.mean(axis=axes), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(cache.var, x.var(axis=axes), rtol=1e-13)
     np.testing.assert_allclose(cache.invstd, 1.0 / np.sqrt(x.var(axis=axes) + 1e-3), rtol=1e-13)
@@ -140,13 +131,13 @@ def test_backward_eval_is_the_constant_statistics_gradient(shape, axis, affine):
     g, b = (gamma, beta) if affine else (None, None)
     _, cache = bn.forward_eval(x, g, b, mean, var, eps=1e-3, axis=axis)
     dx, dgamma, dbeta = bn.backward(dy, cache)
-    pshape = _param_shape(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     invstd = 1.0 / np.sqrt(var + 1e-3)
     scale = invstd if g is None else g * invstd
     assert normwise_error(dx, dy * scale.reshape(pshape)) < 1e-14
     if affine:
         xhat = (x - mean.reshape(pshape)) * invstd.reshape(pshape)
-        axes = _reduce_axes(x.ndim, axis)
+        axes = reduce_axes(x.ndim, axis)
         assert normwise_error(dgamma, np.sum(dy * xhat, axis=axes)) < 1e-12
         assert normwise_error(dbeta, np.sum(dy, axis=axes)) < 1e-13
     else:
@@ -510,7 +501,7 @@ def test_float32_with_large_offset_is_accurate(shape):
     y, cache = bn.forward_train(x)
     # Measured ~1e-6 (about 10 float32 ulps of y); a one-pass E[x^2] - E[x]^2 gives ~1e-3.
     assert normwise_error(y, _reference_forward(x64, None, None, 1e-5, 1)) < 1e-5
-    axes = _reduce_axes(x.ndim, 1)
+    axes = reduce_axes(x.ndim, 1)
     np.testing.assert_allclose(cache.mean, x64.mean(axis=axes), rtol=1e-12)
     np.testing.assert_allclose(cache.var, x64.var(axis=axes), rtol=1e-5)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import examples_nn
+from helpers import examples_nn, reduce_axes
 
 import batchnorm as bn
 
@@ -27,10 +27,6 @@ Array = np.ndarray
 # --- NumPy brute force ----------------------------------------------------------------------------
 
 
-def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(ndim) if i != axis % ndim)
-
-
 def _per_channel(v: Array, ndim: int, axis: int) -> Array:
     shape = [1] * ndim
     shape[axis] = -1
@@ -40,7 +36,7 @@ def _per_channel(v: Array, ndim: int, axis: int) -> Array:
 def _np_stats(xs: Sequence[Array], axis: int, ddof: int = 0) -> tuple[Array, Array]:
     """Mean and variance per channel of the concatenation of xs (batch axis 0)."""
     x = np.concatenate(xs, axis=0)
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     return x.mean(axis=axes), x.var(axis=axes, ddof=ddof)
 
 
@@ -58,7 +54,7 @@ def _normalize(x: Array, mean: Array, var: Array, layer: bn.BatchNorm) -> Array:
 
 
 def _batch_normalize(x: Array, layer: bn.BatchNorm) -> Array:
-    axes = _reduce_axes(x.ndim, layer.axis)
+    axes = reduce_axes(x.ndim, layer.axis)
     return _normalize(x, x.mean(axis=axes), x.var(axis=axes), layer)
 
 
@@ -231,7 +227,7 @@ def test_population_stats_are_those_of_the_concatenated_data(shape, axis):
     cuts = [0, 1, 4, 4, 5, shape[0]]  # unequal batches, one of one row, one empty
     for lo, hi in itertools.pairwise(cuts):
         stats.update(x[lo:hi], axis=axis)
-    axes = _reduce_axes(len(shape), axis)
+    axes = reduce_axes(len(shape), axis)
     assert stats.count == x.size // c
     assert stats.num_batches == 4  # the empty batch is not counted
     assert stats.mean.dtype == np.float64 and stats.var().dtype == np.float64

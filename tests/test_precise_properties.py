@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from helpers import reduce_axes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +17,6 @@ import batchnorm as bn
 
 SETTINGS = settings(max_examples=50, deadline=None)
 RTOL = 1e-12
-
-
-def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(i for i in range(ndim) if i != axis % ndim)
 
 
 def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
@@ -61,7 +58,7 @@ def _order(data: st.DataObject, k: int) -> list[int]:
 
 
 def _check(stats: bn.PopulationStats, x: np.ndarray, axis: int) -> None:
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     assert stats.count == x.size // x.shape[axis]
     _assert_close(stats.mean, x.mean(axis=axes))
     _assert_close(stats.var(unbiased=False), x.var(axis=axes))
@@ -122,7 +119,7 @@ def test_moments_route_equals_update(dataset, data):
         part = x[s]
         direct.update(part, axis=axis)
         if len(part):
-            axes = _reduce_axes(x.ndim, axis)
+            axes = reduce_axes(x.ndim, axis)
             count = part.size // c
             by_moments.update_from_moments(part.mean(axis=axes), part.var(axis=axes), count)
     assert by_moments.count == direct.count
@@ -145,7 +142,7 @@ def test_precise_bn_on_one_layer_gives_the_statistics_of_all_batches(dataset, da
     layer.eval()
     summary = bn.precise_bn(layer, parts, len(parts), mode=mode)
     whole = np.concatenate(parts)
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     assert summary[0].values == whole.size // c
     assert (summary[0].calls, summary[0].batches) == (len(parts), len(parts))
     _assert_close(layer.running_mean, whole.mean(axis=axes))

@@ -5,22 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from helpers import param_shape, reduce_axes
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
 
 SETTINGS = settings(max_examples=50, deadline=None)
-
-
-def _param_shape(ndim, axis):
-    shape = [1] * ndim
-    shape[axis] = -1
-    return shape
-
-
-def _reduce_axes(ndim, axis):
-    return tuple(i for i in range(ndim) if i != axis % ndim)
 
 
 @st.composite
@@ -34,17 +25,17 @@ def batches(draw, max_dims=5, axes=(1, -1)):
     shape[0] *= -(-4 * c // math.prod(shape))  # grow the batch to >= 4 values per channel
     shape = tuple(shape)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    pshape = _param_shape(len(shape), axis)
+    pshape = param_shape(len(shape), axis)
     loc = rng.uniform(-50.0, 50.0, c).reshape(pshape)
     spread = np.exp(rng.uniform(-2.0, 2.0, c)).reshape(pshape)
     z = rng.standard_normal(shape)
     # A normal sample of 4+ values can be nearly constant by chance; such channels say nothing.
-    assume(z.var(axis=_reduce_axes(len(shape), axis)).min() > 0.05)
+    assume(z.var(axis=reduce_axes(len(shape), axis)).min() > 0.05)
     return z * spread + loc, axis, rng
 
 
 def _xhat(x, cache):
-    pshape = _param_shape(x.ndim, cache.axis)
+    pshape = param_shape(x.ndim, cache.axis)
     return (x - cache.mean.reshape(pshape)) / np.sqrt(cache.var.reshape(pshape) + cache.eps)
 
 
@@ -55,7 +46,7 @@ def test_output_has_mean_zero_and_unit_variance(batch, eps, explicit_identity):
     c = x.shape[axis]
     gamma, beta = (np.ones(c), np.zeros(c)) if explicit_identity else (None, None)
     y, _ = bn.forward_train(x, gamma, beta, eps=eps, axis=axis)
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     var = x.var(axis=axes)
     np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-12)
     # Exactly 1 without eps; eps shrinks it to var / (var + eps).
@@ -71,7 +62,7 @@ def test_output_is_gamma_times_xhat_plus_beta(batch, affine):
     beta = rng.standard_normal(c) if affine else None
     y, cache = bn.forward_train(x, gamma, beta, axis=axis)
     y0, _ = bn.forward_train(x, axis=axis)
-    pshape = _param_shape(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     np.testing.assert_allclose(y0, _xhat(x, cache), rtol=1e-12, atol=1e-12)
     if affine:
         expected = gamma.reshape(pshape) * y0 + beta.reshape(pshape)
@@ -83,7 +74,7 @@ def test_output_is_gamma_times_xhat_plus_beta(batch, affine):
 def test_invariant_to_per_channel_positive_scaling_and_shifting(batch, data):
     x, axis, rng = batch
     c = x.shape[axis]
-    pshape = _param_shape(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     scale = np.exp(rng.uniform(-2.0, 2.0, c)).reshape(pshape)
     shift = rng.uniform(-1e3, 1e3, c).reshape(pshape)
     # eps far below every channel's variance (>= 0.05 * e^-4 * e^-4 here), so it changes
@@ -92,7 +83,7 @@ def test_invariant_to_per_channel_positive_scaling_and_shifting(batch, data):
     y, _ = bn.forward_train(x, eps=eps, axis=axis)
     y_scaled, cache = bn.forward_train(x * scale + shift, eps=eps, axis=axis)
     np.testing.assert_allclose(y_scaled, y, rtol=1e-7, atol=1e-7)
-    expected_mean = x.mean(axis=_reduce_axes(x.ndim, axis)) * scale.ravel() + shift.ravel()
+    expected_mean = x.mean(axis=reduce_axes(x.ndim, axis)) * scale.ravel() + shift.ravel()
     np.testing.assert_allclose(cache.mean, expected_mean, rtol=1e-10, atol=1e-9)
 
 
@@ -102,7 +93,7 @@ def test_shifting_is_exactly_harmless_for_any_eps(batch, eps):
     # A shift leaves the variance alone, so the output is the same even with a large eps.
     x, axis, rng = batch
     c = x.shape[axis]
-    shift = rng.uniform(-100.0, 100.0, c).reshape(_param_shape(x.ndim, axis))
+    shift = rng.uniform(-100.0, 100.0, c).reshape(param_shape(x.ndim, axis))
     y, _ = bn.forward_train(x, eps=eps, axis=axis)
     y_shifted, _ = bn.forward_train(x + shift, eps=eps, axis=axis)
     np.testing.assert_allclose(y_shifted, y, rtol=1e-9, atol=1e-9)
@@ -117,7 +108,7 @@ def test_train_dx_sums_to_zero_and_is_orthogonal_to_xhat(batch, eps, affine):
     dy = rng.standard_normal(x.shape) * rng.uniform(0.1, 10.0)
     _, cache = bn.forward_train(x, gamma, None, eps=eps, axis=axis)
     dx, _, _ = bn.backward(dy, cache)
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     xhat = _xhat(x, cache)
 
     size = np.sum(np.abs(dx), axis=axes)
@@ -138,7 +129,7 @@ def test_train_dx_vanishes_for_dy_in_the_span_of_one_and_xhat(batch, affine):
     # (exactly so as eps -> 0; with eps the xhat part leaves eps / (var + eps) of itself).
     x, axis, rng = batch
     c = x.shape[axis]
-    pshape = _param_shape(x.ndim, axis)
+    pshape = param_shape(x.ndim, axis)
     gamma = rng.uniform(0.5, 2.0, c) if affine else None
     _, cache = bn.forward_train(x, gamma, None, eps=1e-14, axis=axis)
     a, b = rng.standard_normal(c).reshape(pshape), rng.standard_normal(c).reshape(pshape)
@@ -196,7 +187,7 @@ def test_train_statistics_are_the_biased_moments(batch, affine):
     c = x.shape[axis]
     gamma = rng.uniform(0.5, 2.0, c) if affine else None
     y, cache = bn.forward_train(x, gamma, None, axis=axis)
-    axes = _reduce_axes(x.ndim, axis)
+    axes = reduce_axes(x.ndim, axis)
     np.testing.assert_allclose(cache.mean, x.mean(axis=axes), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(cache.var, x.var(axis=axes), rtol=1e-11)
     assert cache.count == x.size // c

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import param_shape, reduce_axes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,16 +20,6 @@ from batchnorm._layout import LEAN_VALUES
 SETTINGS = settings(max_examples=50, deadline=None)
 RTOL = 1e-12
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
-
-
-def _param_shape(ndim, axis):
-    shape = [1] * ndim
-    shape[axis] = -1
-    return shape
-
-
-def _reduce_axes(ndim, axis):
-    return tuple(i for i in range(ndim) if i != axis % ndim)
 
 
 def _raw(a):
@@ -52,7 +43,7 @@ def _problem(shape, axis, seed, loc=3.0, dtype=np.float64):
     """x, dy, gamma, beta with a different location and spread in every channel."""
     rng = np.random.default_rng(seed)
     c = shape[axis]
-    pshape = _param_shape(len(shape), axis)
+    pshape = param_shape(len(shape), axis)
     centre = rng.uniform(-loc, loc, c).reshape(pshape)
     spread = rng.uniform(0.5, 2.0, c).reshape(pshape)
     x = (rng.standard_normal(shape) * spread + centre).astype(dtype)
@@ -63,8 +54,8 @@ def _problem(shape, axis, seed, loc=3.0, dtype=np.float64):
 def _sum_scales(x, dy, cache):
     """The largest per-channel sum(|dy|) and sum(|dy * xhat|): what the rounding errors of
     sum(dy) and sum(dy * xhat) scale with (a channel's sum itself may be near 0 by chance)."""
-    axes = _reduce_axes(x.ndim, cache.axis)
-    pshape = _param_shape(x.ndim, cache.axis)
+    axes = reduce_axes(x.ndim, cache.axis)
+    pshape = param_shape(x.ndim, cache.axis)
     x64, dy64 = np.asarray(x, dtype=np.float64), np.asarray(dy, dtype=np.float64)
     xhat = (x64 - cache.mean.reshape(pshape)) * cache.invstd.reshape(pshape)
     return float(np.abs(dy64).sum(axis=axes).max()), float(np.abs(dy64 * xhat).sum(axis=axes).max())
@@ -146,8 +137,8 @@ def split_batches(draw):
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6), label="cuts"))
     sizes = np.diff([0, *cuts, n]).tolist()
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
-    axes = _reduce_axes(ndim, axis)
-    pshape = _param_shape(ndim, axis)
+    axes = reduce_axes(ndim, axis)
+    pshape = param_shape(ndim, axis)
     # Standardized per channel, so that no channel is flat by chance (every channel has >= 2
     # values), then a per-channel location and spread.
     z = rng.standard_normal(shape)
@@ -386,13 +377,13 @@ def test_a_part_of_one_sample(shape, axis, dtype):
     x, dy, gamma, beta = _problem(shape, axis, seed=6, dtype=dtype)
     y, cache = bn.forward_train(x, gamma, beta, axis=axis, stats=(mean, var, 7))
     assert cache.count == 7 and y.dtype == dtype
-    pshape = _param_shape(len(shape), axis)
+    pshape = param_shape(len(shape), axis)
     xhat = (x.astype(np.float64) - mean.reshape(pshape)) / np.sqrt(var.reshape(pshape) + 1e-5)
     expected = gamma.reshape(pshape) * xhat + beta.reshape(pshape)
     rtol = {np.float16: 1e-3, np.float32: 1e-6, np.float64: 1e-14}[dtype]
     _assert_rel(y, expected, rtol=rtol)
     sum_dy, sum_dy_xhat = F.backward_sums(dy, cache)
-    axes = _reduce_axes(len(shape), axis)
+    axes = reduce_axes(len(shape), axis)
     dy64 = dy.astype(np.float64)
     _assert_rel(sum_dy, dy64.sum(axis=axes), rtol=rtol)
     _assert_rel(sum_dy_xhat, (dy64 * xhat).sum(axis=axes), rtol=rtol)
@@ -474,8 +465,8 @@ def test_backward_sums_on_an_eval_cache_with_gamma(shape, axis, dtype):
     _, cache = bn.forward_eval(x, gamma, beta, mean, var, axis=axis)
     sum_dy, sum_dy_xhat = F.backward_sums(dy, cache)
     assert sum_dy.dtype == sum_dy_xhat.dtype == np.float64
-    pshape = _param_shape(len(shape), axis)
-    axes = _reduce_axes(len(shape), axis)
+    pshape = param_shape(len(shape), axis)
+    axes = reduce_axes(len(shape), axis)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     xhat = (x64 - mean.reshape(pshape)) * (1.0 / np.sqrt(var + 1e-5)).reshape(pshape)
     rtol = 1e-12 if dtype == np.float64 else 1e-6
@@ -507,7 +498,7 @@ def test_backward_input_on_an_eval_cache_is_dy_gamma_invstd(affine, sums, shape,
          "nan": np.full(c, np.nan)}[sums]  # fmt: skip
     dx = F.backward_input(dy, cache, s, s)  # eval: the statistics are constants, sums unused
     scale = 1.0 / np.sqrt(var + 1e-5) * (1.0 if g is None else g)
-    _assert_rel(dx, dy * scale.reshape(_param_shape(len(shape), axis)), rtol=1e-15)
+    _assert_rel(dx, dy * scale.reshape(param_shape(len(shape), axis)), rtol=1e-15)
 
 
 BAD_SUMS = [np.zeros(4), np.zeros((1, 3)), np.float64(0.0), np.zeros(3, dtype=bool),
@@ -672,7 +663,7 @@ def test_float32_forward_is_at_least_as_accurate_as_torch(shape, offset):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(18)
     x = (rng.standard_normal(shape) + offset).astype(np.float32)
-    axes = _reduce_axes(len(shape), 1)
+    axes = reduce_axes(len(shape), 1)
     x64 = x.astype(np.float64)  # the float64 normalization of the same float32 values
     mean = x64.mean(axis=axes, keepdims=True)
     var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)  # two-pass
