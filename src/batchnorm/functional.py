@@ -110,7 +110,7 @@ def combine_moments(
             return np.zeros(mu.shape[1]), np.zeros(mu.shape[1]), 0
         return mu[nonempty[0]].copy(), sigma2[nonempty[0]].copy(), total
     mu, sigma2 = mu[nonempty], sigma2[nonempty]
-    weights = np.array([parts[i] for i in nonempty], dtype=np.float64)[:, None] / total
+    weights = np.array([parts[i] for i in nonempty], dtype=np.float64)[:, None] / float(total)
     mean: Vector = (weights * mu).sum(axis=0)
     spread = mu - mean
     var: Vector = (weights * (sigma2 + spread * spread)).sum(axis=0)
