@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,30 @@ def test_textbook_baseline_is_batchnorm(bench: ModuleType, shape: tuple[int, ...
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     xhat, _ = bn.forward_train(x)
     np.testing.assert_allclose(bench.float64_reference(x), xhat, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compare_runs_against_an_earlier_version() -> None:
+    root = BENCH.parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("benchmarks/compare.py reads earlier versions from git: not a checkout")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.with_name("compare.py")),
+            "HEAD",
+            "--shape",
+            "8,4",
+            "--rounds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "after / before (HEAD)" in result.stdout
+    assert re.search(
+        r"\(8, 4\)\s+before\s+\d+ us\s+step \d+\.\d\d\s+forward \d+\.\d\d", result.stdout
+    )
