@@ -249,3 +249,19 @@ def test_any_split_gives_the_whole_batch_result(sizes: list[int], seed: int) -> 
     dx = np.concatenate([r[1] for r in results])
     checks.close(y, y_ref, "y")
     checks.close(dx, dx_ref, "dx")
+
+
+@pytest.mark.parametrize("variant", ["ghost", "renorm"])
+def test_synchronize_refuses_variants_without_changing_any_layer(variant: str) -> None:
+    plain = bn.BatchNorm(3)
+    other = bn.BatchNorm(3, ghost_batch_size=4) if variant == "ghost" else bn.BatchRenorm(3)
+    group = dist.thread_groups(1)[0]
+    with pytest.raises(ValueError, match="cannot be combined with a group"):
+        dist.synchronize([plain, other], group)
+    assert plain.group is None and other.group is None
+    assert dist.synchronize([plain, other], None) == [plain, other]  # making local is fine
+
+
+def test_ghost_batches_with_a_group_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="ghost_batch_size cannot be combined with a group"):
+        bn.BatchNorm(3, ghost_batch_size=4, group=dist.thread_groups(1)[0])

@@ -300,7 +300,8 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     """Set `group` on every BatchNorm reachable from `model`; return those layers.
 
     The model is walked as :func:`batchnorm.precise_bn` walks it (attributes, lists, tuples,
-    dicts; each layer once). ``group=None`` makes the layers local again.
+    dicts; each layer once). ``group=None`` makes the layers local again. A BatchRenorm or a
+    layer with ghost batches among them is a ValueError, and then no layer is changed.
 
     Examples
     --------
@@ -313,6 +314,11 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     """
     checked = _validate.group_value(group)
     layers = [layer for _, layer in _walk.reachable(model)]
+    for layer in layers if checked is not None else []:  # all checked before any is set
+        if not layer._synchronizable:
+            _validate.no_group(type(layer).__name__)
+        if layer.ghost_batch_size is not None:
+            _validate.no_group("ghost_batch_size")
     for layer in layers:
         layer.group = checked
     return layers

@@ -109,6 +109,7 @@ class BatchNorm:
     """
 
     _format: ClassVar[str] = "batchnorm.BatchNorm/1"
+    _synchronizable: ClassVar[bool] = True  # whether a group may be set (BatchRenorm: no)
     _config_keys: ClassVar[tuple[str, ...]] = _saved.CONFIG_KEYS
 
     @_validate.refuse_num_dims
@@ -137,6 +138,8 @@ class BatchNorm:
         self.frozen = False
         self.freeze(frozen)
         self.group: _exchange.Group | None = _validate.group_value(group)
+        if group is not None and ghost_batch_size is not None:
+            _validate.no_group("ghost_batch_size")
         c = self.num_features
         self.gamma: NDArray[np.float64] | None = np.ones(c) if self.affine else None
         self.beta: NDArray[np.float64] | None = np.zeros(c) if self.affine else None

@@ -101,6 +101,7 @@ class BatchRenorm(BatchNorm):
     """
 
     _format: ClassVar[str] = "batchnorm.BatchRenorm/1"
+    _synchronizable: ClassVar[bool] = False
     _config_keys: ClassVar[tuple[str, ...]] = (*BatchNorm._config_keys, "config_rmax",
                                                "config_dmax")  # fmt: skip
 
