@@ -191,3 +191,18 @@ def test_a_file_with_a_repeated_entry_is_refused(tmp_path: Path) -> None:
             archive.writestr(name, data)
     with pytest.raises(ValueError, match=r"repeated member 'config_frozen\.npy'"):
         bn.BatchNorm.load(odd)
+
+
+def test_precise_bn_says_when_it_skipped_only_frozen_layers() -> None:
+    class Model:
+        def __init__(self) -> None:
+            self.layers = [bn.BatchNorm(2).freeze(), bn.BatchNorm(2).freeze()]
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    batches = [np.random.default_rng(0).normal(size=(8, 2))]
+    with pytest.raises(ValueError, match=r"skipped 2 frozen layer\(s\): name them in layers="):
+        bn.precise_bn(Model(), batches, 1)

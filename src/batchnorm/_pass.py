@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from batchnorm import _validate
 from batchnorm.functional import BatchNormCache
 from batchnorm.layer import BatchNorm
 
@@ -76,11 +77,6 @@ def progress_bar() -> Callable[..., Iterable[Any]] | None:
     try:
         bar: Callable[..., Iterable[Any]] = importlib.import_module("tqdm.auto").tqdm
     except ImportError:
-        warnings.warn(
-            "precise_bn(progress=True) needs tqdm for its progress bar: pip install tqdm (or "
-            "pip install 'batchnorm[progress]'). Continuing without a progress bar.",
-            UserWarning,
-            stacklevel=3,
-        )
+        warnings.warn(_validate.no_tqdm(), UserWarning, stacklevel=3)
         return None
     return bar

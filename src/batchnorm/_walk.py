@@ -38,13 +38,10 @@ def named_layers(layers: Iterable[BatchNorm]) -> list[tuple[str, BatchNorm]]:
 def find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
     """Every BatchNorm with running statistics that is not frozen, reachable from model, depth
     first, each once."""
-    found = [
-        (path, layer)
-        for path, layer in reachable(model)
-        if layer.track_running_stats and not layer.frozen
-    ]
+    tracking = [(path, layer) for path, layer in reachable(model) if layer.track_running_stats]
+    found = [(path, layer) for path, layer in tracking if not layer.frozen]
     if not found:
-        raise _validate.no_layers_found()
+        raise _validate.no_layers_found(frozen=len(tracking))
     return found
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "never_called",
     "no_batches",
     "no_layers_found",
+    "no_tqdm",
     "pooled_statistics",
     "population_count",
     "positive_count",
@@ -111,11 +112,23 @@ def has_running_stats(track_running_stats: bool, name: str) -> None:
         )
 
 
-def no_layers_found() -> ValueError:
+def no_layers_found(frozen: int = 0) -> ValueError:
+    skipped = (
+        f" It skipped {frozen} frozen layer(s): name them in layers=[...] to recompute them."
+        if frozen
+        else ""
+    )
     return ValueError(
         "precise_bn found no BatchNorm layer with running statistics to recompute. Pass "
         "layers=[...] explicitly, or keep the layers in attributes, lists, tuples or dicts of "
-        "the model so they can be found."
+        f"the model so they can be found.{skipped}"
+    )
+
+
+def no_tqdm() -> str:
+    return (
+        "precise_bn(progress=True) needs tqdm for its progress bar: pip install tqdm (or "
+        "pip install 'batchnorm[progress]'). Continuing without a progress bar."
     )
 
 
