@@ -265,3 +265,29 @@ def test_synchronize_refuses_variants_without_changing_any_layer(variant: str) -
 def test_ghost_batches_with_a_group_are_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="ghost_batch_size cannot be combined with a group"):
         bn.BatchNorm(3, ghost_batch_size=4, group=dist.thread_groups(1)[0])
+
+
+def test_backward_before_forward_on_one_rank_raises_on_every_rank() -> None:
+    groups = dist.thread_groups(2, timeout=20.0)
+    errors: list[BaseException | None] = [None, None]
+    x = np.random.default_rng(0).normal(size=(4, 3))
+
+    def rank(r: int) -> None:
+        layer = bn.BatchNorm(3, group=groups[r])
+        try:
+            if r == 0:
+                layer.backward(layer(x))
+            else:
+                layer.backward(x)  # no forward on this rank
+        except BaseException as err:
+            errors[r] = err
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a rank hangs"
+    assert isinstance(errors[1], RuntimeError) and "forward" in str(errors[1])
+    assert isinstance(errors[0], RuntimeError)
+    assert "rank 1 of this group of 2 raised RuntimeError" in str(errors[0])

@@ -75,6 +75,15 @@ def gather(
     return value, [part[1:] for part in parts]
 
 
+def fail(group: Group, error: Exception, what: str) -> None:
+    """Take part in the exchange the other ranks are in, only to report `error` and raise it."""
+
+    def work() -> tuple[None, Vector]:
+        raise error
+
+    gather(group, work, what)
+
+
 def widths(parts: list[Vector], what: str) -> int:
     """The channel count C at the head of every rank's payload: the same on every rank."""
     found = [int(part[0]) for part in parts]

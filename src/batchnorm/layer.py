@@ -166,8 +166,7 @@ class BatchNorm:
         (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
         ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
         layer in every mode, normalizes with the running statistics. Bad input (TypeError,
-        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing.
-        """
+        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing."""
         if self.training and not self.frozen:
             return self._forward_train(x)
         # The kernel checks x; the layer adds only what the kernel cannot know.
@@ -236,10 +235,10 @@ class BatchNorm:
     def _advance(
         self, running: tuple[Any, Any, int], cache: BatchNormCache
     ) -> tuple[Any, Any, int]:
-        """The running statistics after one more batch; nothing is written."""
+        """The running statistics after one more batch; nothing is written. momentum weights
+        the old value; None: the cumulative average over `count` batches."""
         mean, var, tracked = running
         count = tracked + 1
-        # momentum weights the old value; None: the cumulative average over `count` batches.
         keep = 1.0 - 1.0 / count if self.momentum is None else self.momentum
         m = cache.count
         batch_var = cache.var * (m / (m - 1)) if self.unbiased else cache.var
@@ -250,13 +249,13 @@ class BatchNorm:
     def backward(self, dy: ArrayLike) -> NDArray[np.floating[Any]]:
         """Gradient with respect to the last forward's input; sets ``dgamma`` and ``dbeta``.
 
-        After a training-mode forward the gradients run through the batch statistics (with
-        ghost batches each ghost batch's own, dgamma and dbeta summed over them); after an
-        eval-mode or frozen forward the statistics are constants (``dx = dy * gamma /
-        sqrt(var + eps)``). May be called more than once per forward. RuntimeError before any
-        forward; ValueError for a dy without the last input's shape.
-        """
-        if self._cache is None:
+        Through the batch statistics after a training forward (each ghost batch's own, dgamma
+        and dbeta summed); after an eval or frozen forward ``dx = dy * gamma / sqrt(var +
+        eps)``. May be called more than once. RuntimeError before any forward (on every rank of
+        a group); ValueError for a dy without the last input's shape."""
+        if self._cache is None:  # with a group, the other ranks wait in an exchange: report it
+            if self.group is not None and self.training:
+                _exchange.fail(self.group, _validate.backward_before_forward(), "backward")
             raise _validate.backward_before_forward()
         parts = self._parts
         if not parts or parts[-1].cache is not self._cache:
@@ -312,11 +311,10 @@ class BatchNorm:
     def reset_running_stats(self) -> None:
         """Set ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0, in
         place, as PyTorch's ``reset_running_stats`` (nothing with track_running_stats=False)."""
-        if self.running_mean is None or self.running_var is None:
-            return
-        self.running_mean.fill(0.0)
-        self.running_var.fill(1.0)
-        self.num_batches_tracked = 0
+        if self.running_mean is not None and self.running_var is not None:
+            self.running_mean.fill(0.0)
+            self.running_var.fill(1.0)
+            self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
         """Reset the running statistics and set ``gamma`` to 1 and ``beta`` to 0, in place, as
@@ -367,10 +365,8 @@ class BatchNorm:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the hyperparameters, mode and state to an ``.npz`` file; return its path.
 
-        NumPy appends ``.npz`` when the name has no such suffix. No pickled objects are written,
-        so :meth:`load` can read the file with ``allow_pickle=False``. The group of a
-        synchronized layer is not saved.
-        """
+        NumPy appends ``.npz`` when the name has no such suffix. No pickled objects are written
+        (:meth:`load` reads with ``allow_pickle=False``); a synchronized layer's group is not."""
         return _saved.save(self, path)
 
     @classmethod
