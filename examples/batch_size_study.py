@@ -30,7 +30,6 @@ Prints a Markdown table (mean over seeds and min-max) and writes ``batch_size_st
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,11 +44,12 @@ from common import (
     batch_size_int,
     bn_layers,
     bn_state,
-    limit_threads,
+    figure_dir,
     load_bn_state,
     load_digits,
     positive_int,
     precise_accuracy,
+    save_figure,
     sgd,
 )
 from lenet_digits import build_lenet
@@ -166,9 +166,7 @@ def plot(ghosts: list[int], acc: NDArray[np.float64], out: Path, title: str) -> 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out / "batch_size_study.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,14 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.epochs, args.seeds, args.ghost_sizes = 4, [0], [2, 8, 32, 128]
     ghosts = sorted({min(k, args.batch_size) for k in args.ghost_sizes})
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="batch_size_study_"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    limit_threads(args.threads)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
+    args.out = figure_dir(args.out, "batch_size_study_", args.threads)
 
     data = load_digits(0)
     print(

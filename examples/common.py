@@ -1,6 +1,6 @@
 """Shared pieces of the digits examples: data, mini-batches, training, and the two evaluations.
 
-``mlp_digits.py``, ``lenet_digits.py`` and ``ema_vs_precise.py`` import this module (and
+The digits examples import this module (and
 ``nn.py``) from the directory they live in. It uses only public names of ``batchnorm``.
 
 The data is scikit-learn's bundled copy of the UCI handwritten digits (1,797 images of 8 x 8
@@ -21,9 +21,11 @@ Two kinds of test accuracy are measured for the same weights:
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nn
@@ -245,6 +247,28 @@ def limit_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     threadpool_limits(threads)
+
+
+def figure_dir(out: Path | None, prefix: str, threads: int) -> Path:
+    """The folder for a study's figures (a new temporary one when out is None, so that the
+    shipped figures change only with an explicit --out), with BLAS capped at `threads` and
+    matplotlib drawing off screen."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix)) if out is None else out
+    folder.mkdir(parents=True, exist_ok=True)
+    limit_threads(threads)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return folder
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write fig to path as a 100-dpi PNG, close it, and return the path."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def sgd(lr: float) -> nn.SGD:

@@ -35,7 +35,6 @@ for every domain and method (means over seeds).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,11 +44,12 @@ from common import (
     THREADS_HELP,
     Digits,
     accuracy,
+    figure_dir,
     input_batches,
-    limit_threads,
     load_digits,
     positive_int,
     precise_accuracy,
+    save_figure,
     sgd,
     train_epoch,
 )
@@ -126,9 +126,7 @@ def plot(
     ax.set_title(f"BatchNorm statistics under domain shift ({caption})", fontsize=10)
     fig.tight_layout()
     path = out / "domain_shift.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,14 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 3, [0]
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="domain_shift_"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    limit_threads(args.threads)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
+    args.out = figure_dir(args.out, "domain_shift_", args.threads)
 
     data = load_digits(0)
     print(

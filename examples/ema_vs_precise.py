@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -57,11 +56,12 @@ from common import (
     accuracy,
     batch_size_int,
     bn_state,
+    figure_dir,
     input_batches,
-    limit_threads,
     load_digits,
     positive_int,
     precise_accuracy,
+    save_figure,
     sgd,
     steps_per_epoch,
     train_epoch,
@@ -303,13 +303,9 @@ def _panels(grid: Grid, title: str, *, sharey: bool) -> tuple[Figure, NDArray[np
 
 
 def _save(fig: Figure, path: Path, *, layout: bool = True) -> Path:
-    import matplotlib.pyplot as plt
-
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _seeds_caption(grid: Grid, band: str) -> str:
@@ -574,14 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     # argparse applies `type` to string defaults only: "all" arrives here unconverted.
     samples = {parse_samples(s) if isinstance(s, str) else s for s in args.samples}
     args.samples = sorted(samples | {ALL}, key=lambda s: s or np.inf)
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="ema_vs_precise_"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    limit_threads(args.threads)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
+    args.out = figure_dir(args.out, "ema_vs_precise_", args.threads)
 
     data = load_digits(0)
     n_train = len(data.x_train)
