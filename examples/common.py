@@ -1,7 +1,7 @@
 """Shared pieces of the digits examples: data, mini-batches, training, and the two evaluations.
 
-The digits examples import this module (and
-``nn.py``) from the directory they live in. It uses only public names of ``batchnorm``.
+The digits examples import this module (and ``nn.py``) from the directory they live in. It uses
+only public names of ``batchnorm``.
 
 The data is scikit-learn's bundled copy of the UCI handwritten digits (1,797 images of 8 x 8
 pixels with values 0..16, no download), split 80/20 with stratification into 1,437 training and
