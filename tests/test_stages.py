@@ -410,7 +410,7 @@ def test_stats_count_equal_to_the_parts_own_is_accepted():
         "abc",
         {"mean": np.zeros(3), "var": np.ones(3), "count": 4},
         (np.zeros(3), np.ones(3)),
-        (np.zeros(3), np.ones(3), 4, 0),
+        (np.zeros(3), np.ones(3), 4, np.zeros(3), 0),
         np.array([np.zeros(3), np.ones(3), np.full(3, 4.0)]),
         3,
     ],

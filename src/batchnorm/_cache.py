@@ -40,6 +40,10 @@ class BatchNormCache:
         A copy of the scale, or None for a call without gamma.
     has_beta : bool
         Whether beta was given (then backward returns dbeta, else None).
+    mean_lo : ndarray of shape (C,), float64
+        What rounding left of the mean: ``mean + mean_lo`` is the mean to about 2^-104
+        relative (zeros after forward_eval). :class:`~batchnorm.PopulationStats` takes it
+        with ``update_from_moments(..., mean_lo=cache.mean_lo)``.
     """
 
     mean: Vector
@@ -53,11 +57,15 @@ class BatchNormCache:
     dtype: np.dtype[Any]
     gamma: Vector | None
     has_beta: bool
+    mean_lo: Vector
     # x - shift as (P, C, S) in the working dtype, owned by the cache; None for an eval cache
     # without gamma, whose backward (dx = dy * invstd) needs no x.
     _data: Array | None
     # The per-channel value subtracted from x to make _data (float64, exact in its dtype).
     _shift: Vector
+    # The mean minus _shift, exact to rounding of its own size (not of the mean's): the xhat
+    # of backward is (_data - _resid) * invstd.
+    _resid: Vector
     # Whether (P, C, S) was taken channels-last (_layout.pcs), so that dx keeps x's layout.
     _moved: bool
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _exact, _validate
 from batchnorm import functional as F
 
 Vector = NDArray[np.float64]
@@ -107,8 +107,9 @@ def forward_train(
 ) -> tuple[NDArray[np.floating[Any]], F.BatchNormCache]:
     """Normalize this rank's part with the statistics of every rank's part (one allgather).
 
-    Local checks and ``F.moments``; send (C, count, mean, var); ``F.combine_moments`` in rank
-    order; ``F.forward_train(stats=...)``. `num_features`, when given, is the layer's C.
+    Local checks and ``F.moments``; send (C, count, mean, var, mean_lo); ``F.combine_moments``
+    in rank order; ``F.forward_train(stats=...)`` (the means travel as hi + lo: exact at any
+    offset). `num_features`, when given, is the layer's C.
     """
 
     def local() -> tuple[NDArray[np.floating[Any]], Vector]:
@@ -121,22 +122,21 @@ def forward_train(
         for value, name in ((gamma, "gamma"), (beta, "beta")):
             if value is not None:
                 _validate.per_channel(value, name, c)
-        mean, var, count = F.moments(xa, axis=ax)
+        mean, var, count = part = F.moments(xa, axis=ax)
         _validate.finite_statistics(mean, var, "nothing was changed on any rank")
-        return xa, np.concatenate(([c, count], mean, var))
+        return xa, np.concatenate(([c, count], mean, var, part.mean_lo))
 
     xa, parts = gather(group, local, "the synchronized forward pass")
     c = widths(parts, "the synchronized forward pass")
     counts = [int(part[1]) for part in parts]
+    table = np.array(parts)[:, 2:].reshape(len(parts), 3, c)  # (ranks, [mean, var, lo], C)
     with np.errstate(over="ignore", invalid="ignore"):
-        mean, var, count = F.combine_moments(
-            [part[2 : 2 + c] for part in parts], [part[2 + c :] for part in parts], counts
-        )
-    if count < 2:
+        stats = F.combine_moments(table[:, 0], table[:, 1], counts, means_lo=table[:, 2])
+    if stats.count < 2:
         raise _validate.group_batch(counts)
     # Finite parts can still pool to inf; every rank sees the same result and raises alike.
-    _validate.finite_statistics(mean, var, "nothing was changed on any rank")
-    return F.forward_train(xa, gamma, beta, eps=eps, axis=axis, stats=(mean, var, count))
+    _validate.finite_statistics(stats.mean, stats.var, "nothing was changed on any rank")
+    return F.forward_train(xa, gamma, beta, eps=eps, axis=axis, stats=stats)
 
 
 def backward(
@@ -169,17 +169,15 @@ def backward(
 # --- population statistics: pooling every rank's parts --------------------------------------------
 
 
-Moments = tuple[Vector, Vector, int]
-
-
 def pool(
     group: Group,
-    parts: list[Moments],
+    parts: list[_exact.Total],
     tallies: list[int],
     failure: Exception | None = None,
     what: str = "pooling statistics",
-) -> tuple[list[Moments], list[list[int]]]:
-    """Pool k sets of (mean, biased var, count) over the ranks, each in rank order.
+) -> tuple[list[_exact.Total], list[list[int]]]:
+    """Pool k running totals (count, mean hi, mean lo, m2 hi, m2 lo) over the ranks, each
+    added up in rank order (:func:`_exact.accumulate`: exact at any offset).
 
     `tallies` are integers sent along (counters, an order); every rank's come back in rank
     order. `failure`, an error this rank met before the exchange, is raised here on this rank
@@ -189,11 +187,11 @@ def pool(
     def local() -> tuple[None, Vector]:
         if failure is not None:
             raise failure
-        flat = [np.concatenate(([len(m), n], m, v)) for m, v, n in parts]
+        flat = [np.concatenate(([len(hi), n], hi, lo, m2, m2_lo)) for n, hi, lo, m2, m2_lo in parts]
         return None, np.concatenate(([len(parts), len(tallies)], *flat, tallies))
 
     _, messages = gather(group, local, what)
-    pooled_parts: list[list[Moments]] = [[] for _ in parts]
+    pooled_parts: list[list[_exact.Total]] = [[] for _ in parts]
     all_tallies = []
     for message in messages:
         k, t = int(message[0]), int(message[1])
@@ -202,18 +200,19 @@ def pool(
         at = 2
         for i in range(k):
             c, n = int(message[at]), int(message[at + 1])
-            mean, var = message[at + 2 : at + 2 + c], message[at + 2 + c : at + 2 + 2 * c]
-            pooled_parts[i].append((mean, var, n))
-            at += 2 + 2 * c
+            hi, lo, m2, m2_lo = message[at + 2 : at + 2 + 4 * c].reshape(4, c)
+            pooled_parts[i].append((n, hi, lo, m2, m2_lo))
+            at += 2 + 4 * c
         all_tallies.append([int(v) for v in message[at : at + t]])
     result = []
     for ranks in pooled_parts:
-        found = [len(m) for m, _, _ in ranks]
+        found = [len(total[1]) for total in ranks]
         if len(set(found)) != 1:
             raise _validate.group_widths(found, what)
+        zeros = np.zeros(found[0])
+        pooled: _exact.Total = (0, zeros, zeros, zeros, zeros)
         with np.errstate(over="ignore", invalid="ignore"):
-            pooled = F.combine_moments(
-                [m for m, _, _ in ranks], [v for _, v, _ in ranks], [n for _, _, n in ranks]
-            )
+            for total in ranks:
+                pooled = _exact.accumulate(pooled, total)
         result.append(pooled)
     return result, all_tallies

@@ -8,10 +8,11 @@ communicator and :func:`thread_groups` connects threads of one process. See
 docs/distributed.md.
 
 Each training step communicates twice, one allgather each, O(C) values per rank: forward sends
-(C, count, mean, var) and a status flag, backward the 2C sums ``sum(dy)``, ``sum(dy * xhat)``
-and a status flag. Every rank combines what arrives in rank order, so every rank holds bitwise
-the same statistics. Bad input on one rank raises on every rank (the bad one its usual error,
-the others an error of the same type naming it), with nothing changed anywhere.
+(C, count, mean, var, mean_lo) and a status flag, backward the 2C sums ``sum(dy)``,
+``sum(dy * xhat)`` and a status flag. Every rank combines what arrives in rank order, so every
+rank holds bitwise the same statistics. Bad input on one rank raises on every rank (the bad one
+its usual error, the others an error of the same type naming it), with nothing changed
+anywhere.
 
 Importing this module does not import mpi4py; :class:`MPIGroup` does, when it is created.
 """
@@ -227,9 +228,10 @@ def forward_train(
         m = sum_r m_r,  mean = sum_r m_r * mean_r / m,
         var = sum_r m_r * (var_r + (mean_r - mean)**2) / m
 
-    and :func:`batchnorm.forward_train` with ``stats=(mean, var, m)``. y equals the
-    single-process BatchNorm of the concatenated batch. Reference: Ioffe and Szegedy 2015;
-    Peng et al., "MegDet", CVPR 2018 (cross-GPU BatchNorm).
+    and :func:`batchnorm.forward_train` with ``stats=(mean, var, m)``. The means travel as
+    hi + lo (``Moments.mean_lo``), so y and dx equal the single-process BatchNorm of the
+    concatenated batch to float64's last bits at any offset (docs/math.md). Reference: Ioffe
+    and Szegedy 2015; Peng et al., "MegDet", CVPR 2018 (cross-GPU BatchNorm).
 
     Examples
     --------

@@ -25,10 +25,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _layout, _validate
 from batchnorm._cache import BatchNormCache
+from batchnorm._exact import Moments, combine, two_sum
 from batchnorm._layout import propagating
 
 __all__ = [
     "BatchNormCache",
+    "Moments",
     "backward",
     "backward_input",
     "backward_sums",
@@ -45,12 +47,15 @@ Vector = NDArray[np.float64]
 
 
 @propagating
-def moments(x: ArrayLike, *, axis: int = 1) -> tuple[Vector, Vector, int]:
+def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
     """Per-channel mean, biased variance and count of x: one part's statistics.
 
     x is (N, C, *spatial) float with any number of values per channel, 0 included (then mean
     and var are 0). ``var = sum((x - mean)**2) / m`` (biased), computed from shifted data,
-    never as E[x^2] - E[x]^2, exactly as :func:`forward_train` computes it. PyTorch's
+    never as E[x^2] - E[x]^2, exactly as :func:`forward_train` computes it. Returns a
+    :class:`Moments`: the tuple ``(mean, var, count)`` (float64 (C,), float64 (C,), int) with
+    ``.mean_lo``, what rounding left of the mean, which :func:`combine_moments` and
+    ``forward_train(stats=...)`` use to stay exact at any offset (docs/math.md). PyTorch's
     counterpart: ``torch.batch_norm_stats`` (which returns invstd instead of var).
 
     Examples
@@ -64,23 +69,30 @@ def moments(x: ArrayLike, *, axis: int = 1) -> tuple[Vector, Vector, int]:
     ax = _validate.channel_axis(xa.shape, axis)
     count = _validate.eval_batch(xa.shape, ax)
     if count == 0:
-        return np.zeros(xa.shape[ax]), np.zeros(xa.shape[ax]), 0
+        return Moments(np.zeros(xa.shape[ax]), np.zeros(xa.shape[ax]), 0)
     x3, _ = _layout.pcs(xa, ax)
     _, shift, resid, var = _layout.centred_moments(x3, _validate.COMPUTE_DTYPES[xa.dtype], count)
-    return shift + resid, var, count
+    mean, mean_lo = two_sum(shift, resid)
+    return Moments(mean, var, count, mean_lo)
 
 
 # --- stage 2: combining parts --------------------------------------------------------------------
 
 
 def combine_moments(
-    means: ArrayLike, vars: ArrayLike, counts: Sequence[int] | ArrayLike
-) -> tuple[Vector, Vector, int]:
+    means: ArrayLike,
+    vars: ArrayLike,
+    counts: Sequence[int] | ArrayLike,
+    *,
+    means_lo: ArrayLike | None = None,
+) -> Moments:
     """The mean, biased variance and count of the union of any number of parts, from theirs.
 
     ``means`` and ``vars`` are (k, C): each part's mean and *biased* variance (:func:`moments`);
-    ``counts`` holds k ints >= 0 (a part with count 0 gets no weight). Returns float64 (C,)
-    mean and var and the total count, all 0 when every part is empty.
+    ``counts`` holds k ints >= 0 (a part with count 0 gets no weight); ``means_lo``, optional
+    (k, C), each part's ``mean_lo`` (:class:`Moments`), keeps the result exact at any offset
+    (None: zeros). Returns a :class:`Moments`: float64 (C,) mean and var and the total count,
+    all 0 when every part is empty, with the combined ``mean_lo``.
 
     Notes
     -----
@@ -90,9 +102,12 @@ def combine_moments(
         var  = sum_i w_i * (var_i + (mean_i - mean)**2)
 
     the within-part variances plus the spread of the part means (Chan, Golub and LeVeque,
-    1979): the variance of the concatenated data, not an average of variances. The sums run
-    over the parts in the order given, so the same inputs give bitwise the same result on
-    every worker. A single non-empty part is returned as it is. PyTorch's counterpart is
+    1979): the variance of the concatenated data, not an average of variances. Each part's
+    mean is taken as ``means_i + means_lo_i`` and measured from a reference part's mean with
+    TwoSum, so only small centred quantities are rounded and the result keeps the parts'
+    accuracy whatever the offset (docs/math.md, "Exact at any offset"). The sums run over the
+    parts in the order given, so the same inputs give bitwise the same result on every worker.
+    A single non-empty part is returned as it is. PyTorch's counterpart is
     ``torch.batch_norm_gather_stats_with_counts``.
 
     Examples
@@ -103,18 +118,17 @@ def combine_moments(
     (array([1.]), array([2.]), 4)
     """
     mu, sigma2, parts = _validate.parts(means, vars, counts)
+    lo = np.zeros_like(mu) if means_lo is None else _validate.parts_lo(means_lo, mu.shape)
     total = sum(parts)
     nonempty = [i for i, n in enumerate(parts) if n]  # empty parts take no part at all
-    if len(nonempty) <= 1:
-        if not nonempty:
-            return np.zeros(mu.shape[1]), np.zeros(mu.shape[1]), 0
-        return mu[nonempty[0]].copy(), sigma2[nonempty[0]].copy(), total
-    mu, sigma2 = mu[nonempty], sigma2[nonempty]
-    weights = np.array([parts[i] for i in nonempty], dtype=np.float64)[:, None] / float(total)
-    mean: Vector = (weights * mu).sum(axis=0)
-    spread = mu - mean
-    var: Vector = (weights * (sigma2 + spread * spread)).sum(axis=0)
-    return mean, var, total
+    if not nonempty:
+        return Moments(np.zeros(mu.shape[1]), np.zeros(mu.shape[1]), 0)
+    if len(nonempty) < len(parts):
+        mu, sigma2, lo = mu[nonempty], sigma2[nonempty], lo[nonempty]
+    n = np.array([parts[i] for i in nonempty], dtype=np.float64)[:, None]
+    mean, mean_lo, m2 = combine(mu, lo, sigma2 * n, n)
+    m2 /= float(total)
+    return Moments(mean, sigma2[0].copy() if len(nonempty) == 1 else m2, total, mean_lo)
 
 
 # --- stage 3: the element-wise pass --------------------------------------------------------------
@@ -196,11 +210,13 @@ def forward_train(
     if stats is None:
         count = _validate.training_batch(xa.shape, ax)
         data, shift, resid, var = _layout.centred_moments(x3, cdt, count)
-        mean = shift + resid
+        mean, mean_lo = two_sum(shift, resid)
     else:
-        mean, var, count = _validate.batch_stats(stats, xa.shape[ax], xa.size // xa.shape[ax])
+        mean, var, count, mean_lo = _validate.batch_stats(
+            stats, xa.shape[ax], xa.size // xa.shape[ax]
+        )
         data, shift = _layout.centre_on(x3, cdt, mean)
-        resid = mean - shift
+        resid = (mean - shift) + mean_lo  # mean - shift is exact: shift is mean rounded
     invstd = 1.0 / np.sqrt(var + eps_f)
     scale = invstd if g is None else g * invstd
 
@@ -213,7 +229,7 @@ def forward_train(
     y = _layout.scale_shift(source, scale, offset, xa.dtype)
     cache = BatchNormCache(
         mean, var, count, invstd, True, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        _data=data, _shift=shift, _moved=moved,
+        mean_lo, _data=data, _shift=shift, _resid=resid, _moved=moved,
     )  # fmt: skip
     return _layout.restore(y, xa.shape, ax, moved), cache
 
@@ -268,7 +284,7 @@ def forward_eval(
                                      xa.dtype, keep=g is not None)  # fmt: skip
     cache = BatchNormCache(
         mu, sigma2, count, invstd, False, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        _data=data, _shift=np.zeros_like(mu), _moved=moved,
+        np.zeros_like(mu), _data=data, _shift=np.zeros_like(mu), _resid=mu, _moved=moved,
     )  # fmt: skip
     return _layout.restore(y, xa.shape, ax, moved), cache
 
@@ -377,11 +393,10 @@ def _gradient(dy: ArrayLike, cache: BatchNormCache) -> Array:
 
 
 def _sums(dy3: Array, cache: BatchNormCache) -> tuple[Vector, Vector]:
-    # xhat = (data - ref) * invstd, ref the mean measured from data's origin.
+    # xhat = (data - resid) * invstd, resid the mean measured from data's origin.
     if cache._data is None:
         raise _validate.sums_need_data()
-    ref = cache.mean - cache._shift
-    sum_dy, dot = _layout.sums(dy3, cache._data, ref, centred=cache.training)
+    sum_dy, dot = _layout.sums(dy3, cache._data, cache._resid, centred=cache.training)
     return sum_dy, cache.invstd * dot
 
 
@@ -394,6 +409,6 @@ def _input(dy3: Array, cache: BatchNormCache, sum_dy: Any, sum_dy_xhat: Any) -> 
         assert cache._data is not None
         m = cache.count
         b1 = -cache.invstd * sum_dy_xhat / m
-        c1 = -sum_dy / m - b1 * (cache.mean - cache._shift)
+        c1 = -sum_dy / m - b1 * cache._resid
         dx3 = _layout.train_dx(cache._data, dy3, a, b1, c1, cache.dtype)
     return _layout.restore(dx3, cache.shape, cache.axis, cache._moved)

@@ -20,11 +20,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _pass, _validate, _walk
-from batchnorm.functional import BatchNormCache, combine_moments, moments
+from batchnorm import _exact, _exchange, _pass, _validate, _walk
+from batchnorm.functional import BatchNormCache, moments
 from batchnorm.layer import BatchNorm
 
 __all__ = ["MODES", "LayerSummary", "PopulationStats", "precise_bn"]
+
+Vector = NDArray[np.float64]
 
 #: ``"train"``: one pass, every layer normalizing with batch statistics, as in training.
 #: ``"sequential"``: one pass per layer in forward order, finished layers in eval mode.
@@ -60,8 +62,11 @@ class PopulationStats:
         self.num_features = _validate.num_features(num_features)
         self.count = 0
         self.num_batches = 0
-        self._mean: NDArray[np.float64] = np.zeros(self.num_features)
-        self._var: NDArray[np.float64] = np.zeros(self.num_features)
+        # The total as (count, mean hi, mean lo, m2 hi, m2 lo): the mean and the sum of squared
+        # deviations each as an unevaluated sum of two float64s (_exact), so that neither
+        # loses digits to the offset nor to the number of batches.
+        zeros = np.zeros(self.num_features)
+        self._total: _exact.Total = (0, zeros, zeros, zeros, zeros)
 
     def update(self, x: ArrayLike, axis: int = 1) -> None:
         """Add every value of x (N, C, *spatial) to its channel; an empty x adds nothing.
@@ -71,25 +76,37 @@ class PopulationStats:
         """
         xa = _validate.layer_input(x, self.num_features, axis)
         if xa.size:
-            mean, var, count = moments(xa, axis=axis)
-            _validate.finite_statistics(mean, var, "this PopulationStats was left unchanged")
-            self._merge(mean, var, count, 1)
+            part = moments(xa, axis=axis)
+            _validate.finite_statistics(
+                part.mean, part.var, "this PopulationStats was left unchanged"
+            )
+            self._add(part.mean, part.var, part.count, part.mean_lo)
 
-    def update_from_moments(self, mean: ArrayLike, var: ArrayLike, count: int) -> None:
+    def update_from_moments(
+        self, mean: ArrayLike, var: ArrayLike, count: int, *, mean_lo: ArrayLike | None = None
+    ) -> None:
         """Add a batch given by its per-channel mean, *biased* variance and count m.
 
         For instance ``cache.mean, cache.var, cache.count`` of :func:`batchnorm.forward_train`.
+        ``mean_lo`` (C,), optional: what rounding left of the mean (``cache.mean_lo``, or a
+        :class:`~batchnorm.functional.Moments`' ``mean_lo``), which keeps the population mean
+        and variance exact when the data sit far from zero.
         """
         batch_count = _validate.value_count(count)
         batch_mean = _validate.per_channel(mean, "mean", self.num_features)
         batch_var = _validate.per_channel(var, "var", self.num_features, nonnegative=True)
+        lo = (
+            None
+            if mean_lo is None
+            else _validate.per_channel(mean_lo, "mean_lo", self.num_features)
+        )
         if batch_count:
-            self._merge(batch_mean, batch_var, batch_count, 1)
+            self._add(batch_mean, batch_var, batch_count, lo)
 
     def merge(self, other: PopulationStats) -> None:
         """Add everything another PopulationStats (for example another worker's) has seen."""
         _validate.same_population(self.num_features, other)
-        self._merge(other._mean, other._var, other.count, other.num_batches)
+        self._accumulate(other._total, other.num_batches)
 
     def allreduce(self, group: _exchange.Group) -> None:
         """Make every rank of `group` hold the statistics of everything every rank has seen.
@@ -108,28 +125,37 @@ class PopulationStats:
         """
         checked = _validate.group_value(group, False)
         (pooled,), tallies = _exchange.pool(
-            checked, [(self._mean, self._var, self.count)], [self.num_batches],
-            what="PopulationStats.allreduce",
-        )  # fmt: skip
-        _validate.pooled_statistics(pooled[0], pooled[1])
-        self._mean, self._var, self.count = pooled
+            checked, [self._total], [self.num_batches], what="PopulationStats.allreduce"
+        )
+        _exact.check_total(pooled)
+        self._total, self.count = pooled, pooled[0]
         self.num_batches = sum(t[0] for t in tallies)
 
-    def _merge(
-        self, mean: NDArray[np.float64], var: NDArray[np.float64], count: int, n: int
-    ) -> None:
+    def _add(self, mean: Vector, var: Vector, count: int, mean_lo: Vector | None) -> None:
+        lo = np.zeros_like(mean) if mean_lo is None else mean_lo
+        self._accumulate((count, mean, lo, var * count, np.zeros_like(var)), 1)
+
+    def _accumulate(self, part: _exact.Total, n: int) -> None:
         # Finite inputs can still pool to inf (means ~1e154 apart): refused, nothing changes.
         with np.errstate(over="ignore", invalid="ignore"):
-            pooled = combine_moments((self._mean, mean), (self._var, var), (self.count, count))
-        _validate.pooled_statistics(pooled[0], pooled[1])
-        self._mean, self._var, self.count = pooled
+            total = _exact.accumulate(self._total, part)
+        _exact.check_total(total)
+        self._total, self.count = total, total[0]
         self.num_batches += n
 
     @property
     def mean(self) -> NDArray[np.float64]:
         """The mean of every value seen, per channel (a copy)."""
         _validate.population_count(self.count, 1)
-        result: NDArray[np.float64] = self._mean.copy()
+        result: Vector = self._total[1].copy()
+        return result
+
+    @property
+    def mean_lo(self) -> Vector:
+        """What rounding left of :attr:`mean`: ``mean + mean_lo`` is the mean of every value
+        seen to about 2^-104 relative (a copy)."""
+        _validate.population_count(self.count, 1)
+        result: Vector = self._total[2].copy()
         return result
 
     def var(self, unbiased: bool = True) -> NDArray[np.float64]:
@@ -139,8 +165,8 @@ class PopulationStats:
         """
         unbiased = _validate.flag(unbiased, "unbiased")
         _validate.population_count(self.count, 2 if unbiased else 1)
-        scale = self.count / (self.count - 1) if unbiased else 1.0
-        result: NDArray[np.float64] = self._var * scale
+        _, _, _, m2, m2_lo = self._total
+        result: Vector = (m2 + m2_lo) / (self.count - 1 if unbiased else self.count)
         return result
 
     def __repr__(self) -> str:
@@ -320,7 +346,7 @@ def _measure(
     def observer(index: int) -> Callable[[BatchNormCache], None]:
         def observe(cache: BatchNormCache) -> None:
             # The layer has checked these statistics (finite, float64): merge them directly.
-            stats[index]._merge(cache.mean, cache.var, cache.count, 1)
+            stats[index]._add(cache.mean, cache.var, cache.count, cache.mean_lo)
             if order is not None and calls[index] == 0:
                 order.append(index)
             calls[index] += 1
@@ -361,12 +387,13 @@ def _pool(
 ) -> int:
     """Replace stats, calls and order by every rank's, pooled in rank order; return every
     rank's batches. Raises on every rank if a rank failed or the pooled statistics overflow."""
-    parts = [(s._mean, s._var, s.count) for s in stats.values()]
+    parts = [s._total for s in stats.values()]
     tally = [used, *calls.values(), *(order or [])]
     pooled, tallies = _exchange.pool(group, parts, tally, failure, "precise_bn")
-    for j, (i, (mean, var, count)) in enumerate(zip(stats, pooled, strict=True), start=1):
-        _validate.pooled_statistics(mean, var)
-        stats[i]._mean, stats[i]._var, stats[i].count = mean, var, count
+    for total in pooled:
+        _exact.check_total(total)
+    for j, (i, total) in enumerate(zip(stats, pooled, strict=True), start=1):
+        stats[i]._total, stats[i].count = total, total[0]
         calls[i] = stats[i].num_batches = sum(t[j] for t in tallies)
     if order is not None:  # the first rank that called any layer gives the forward order
         k = 1 + len(stats)

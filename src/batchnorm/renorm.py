@@ -152,16 +152,15 @@ class BatchRenorm(BatchNorm):
         assert running is not None
         x = _validate.float_array(x)
         _validate.training_batch(x.shape, _validate.channel_axis(x.shape, self.axis))
-        mean_b, var_b, count = moments(x, axis=self.axis)
+        batch = moments(x, axis=self.axis)
+        mean_b, var_b = batch.mean, batch.var
         _validate.finite_statistics(mean_b, var_b)
         sigma = np.sqrt(running[1] + self.eps)
         r = np.clip(np.sqrt(var_b + self.eps) / sigma, 1.0 / rmax, rmax)
         d = np.clip((mean_b - running[0]) / sigma, -dmax, dmax)
         gamma = np.ones(self.num_features) if self.gamma is None else self.gamma
         shift = gamma * d if self.beta is None else gamma * d + self.beta
-        y, cache = forward_train(
-            x, gamma * r, shift, eps=self.eps, axis=self.axis, stats=(mean_b, var_b, count)
-        )
+        y, cache = forward_train(x, gamma * r, shift, eps=self.eps, axis=self.axis, stats=batch)
         return y, Part(cache, r, d)
 
     def _backward_part(self, dy: ArrayLike, part: Part) -> Gradients:

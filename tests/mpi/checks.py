@@ -9,7 +9,11 @@ runs them on MPI ranks under mpiexec (tests/test_distributed_mpi.py launches it)
 from __future__ import annotations
 
 import copy
+import decimal
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -366,6 +370,64 @@ def check_precise_bn_error_on_one_rank(group: dist.Group) -> None:
             raise AssertionError("no error")
         unchanged(model.bn2, before)
         assert model.bn2.group is group
+
+
+def exact_reference() -> Any:
+    """tests/exact.py (decimal arithmetic), loaded by path: this module also runs under
+    mpiexec, where tests/ is not on sys.path."""
+    if "exact" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "exact.py"
+        spec = importlib.util.spec_from_file_location("exact", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["exact"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["exact"]
+
+
+def check_exact_synchronized_road(group: dist.Group) -> None:
+    """At offset 1e8, y, dx, dgamma and dbeta within 8 units of 2^-52 of exact arithmetic
+    (unequal parts, one of them empty, one a single row)."""
+    ref_module = exact_reference()
+    sizes = [(9, 0, 1, 6)[r % 4] for r in range(group.size)]
+    rng = np.random.default_rng(11)
+    n = sum(sizes)
+    x, dy = 1e8 + rng.standard_normal((n, 3)), rng.standard_normal((n, 3))
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.standard_normal(3)
+    y, cache = dist.forward_train(split(x, sizes, group.rank), gamma, beta, group)
+    dx, dgamma, dbeta = dist.backward(split(dy, sizes, group.rank), cache, group)
+    ref = ref_module.forward_backward(x, dy, gamma, beta)
+    whole_y = np.concatenate(group.allgather(y.ravel())).reshape(n, 3)
+    whole_dx = np.concatenate(group.allgather(dx.ravel())).reshape(n, 3)
+    errors = (
+        ref_module.units(whole_y, ref["y"]),
+        ref_module.units(whole_dx, ref["dx"]),
+        ref_module.sum_units(total(group, dgamma), ref["dgamma"], ref["dgamma_scale"]),
+        ref_module.sum_units(total(group, dbeta), ref["dbeta"], ref["dbeta_scale"]),
+    )
+    assert max(errors) <= 8.0, errors
+
+
+def check_exact_population_allreduce(group: dist.Group) -> None:
+    """PopulationStats at offset 1e8 over every rank's batches (the last rank has none):
+    mean and unbiased variance within 8 units of 2^-52, bitwise the same on every rank."""
+    ref_module = exact_reference()
+    rng = np.random.default_rng(12)
+    workers = max(group.size - 1, 1)  # the last of several ranks sees nothing
+    data = [1e8 + 0.5 * rng.standard_normal((7, 3)) for _ in range(3 * workers)]
+    stats = bn.PopulationStats(3)
+    for batch in data[group.rank :: workers] if group.rank < workers else []:
+        stats.update(batch)
+    stats.allreduce(group)
+    seen = np.concatenate(data)
+    mean, var = ref_module.statistics(seen)
+    m = decimal.Decimal(seen.shape[0])
+    errors = (
+        ref_module.relative_units(stats.mean, mean),
+        ref_module.relative_units(stats.var(), var * m / (m - 1)),
+    )
+    assert max(errors) <= 8.0, errors
+    same_everywhere(group, stats.mean, stats.var(), stats.count)
 
 
 CHECKS: dict[str, Callable[[dist.Group], None]] = {

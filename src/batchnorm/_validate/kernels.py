@@ -22,6 +22,7 @@ __all__ = [
     "eval_batch",
     "float_array",
     "parts",
+    "parts_lo",
     "per_channel",
     "sums_need_data",
     "training_batch",
@@ -216,14 +217,33 @@ def parts(
     return mu.astype(np.float64), sigma2.astype(np.float64), parts_counts
 
 
+def parts_lo(value: Any, shape: tuple[int, ...]) -> NDArray[np.float64]:
+    """Check combine_moments' means_lo: finite reals of the means' shape (k, C)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"means_lo must hold real numbers; got dtype {arr.dtype}.")
+    if arr.shape != shape:
+        raise ValueError(
+            f"means_lo must have the shape of means, {shape}: each part's mean_lo (what "
+            f"moments() returns as .mean_lo), stacked; got shape {arr.shape}."
+        )
+    out = arr.astype(np.float64)
+    if not np.isfinite(out).all():
+        raise ValueError("means_lo must be finite; it holds NaN or inf.")
+    return out
+
+
 def batch_stats(
     stats: Any, num_channels: int, local_count: int
-) -> tuple[NDArray[np.float64], NDArray[np.float64], int]:
-    """Check forward_train's stats=(mean, var, count) of the whole normalization batch."""
-    if not isinstance(stats, tuple | list) or len(stats) != 3:
+) -> tuple[NDArray[np.float64], NDArray[np.float64], int, NDArray[np.float64]]:
+    """Check forward_train's stats=(mean, var, count[, mean_lo]) of the whole normalization
+    batch; a Moments (what moments and combine_moments return) brings its mean_lo along."""
+    if not isinstance(stats, tuple | list) or len(stats) not in (3, 4):
+        size = f" of length {len(stats)}" if isinstance(stats, tuple | list) else ""
         raise TypeError(
             "stats must be a (mean, var, count) tuple of the whole normalization batch, as "
-            f"combine_moments returns it; got {type(stats).__name__}."
+            "combine_moments returns it, or (mean, var, count, mean_lo); got "
+            f"{type(stats).__name__}{size}."
         )
     mean = per_channel(stats[0], "stats mean", num_channels)
     var = per_channel(stats[1], "stats var", num_channels, nonnegative=True)
@@ -234,7 +254,9 @@ def batch_stats(
             f"at least 2 and at least this part's {local_count}; got {count}. Pass the count "
             "that combine_moments returned for all the parts together."
         )
-    return mean, var, count
+    lo = stats[3] if len(stats) == 4 else getattr(stats, "mean_lo", None)
+    mean_lo = np.zeros(num_channels) if lo is None else per_channel(lo, "mean_lo", num_channels)
+    return mean, var, count, mean_lo
 
 
 def channel_sums(value: Any, name: str, num_channels: int) -> NDArray[np.float64]:
