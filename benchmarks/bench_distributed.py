@@ -99,7 +99,7 @@ def measure(group: Any, shape: tuple[int, ...], dtype: str, rounds: int) -> dict
         "ratio": worst[1] / worst[0],
         "ratio_alone": worst[2] / worst[0],
         # float64 payload per rank: status, C, count, mean, var / status, C, 2C sums.
-        "bytes_forward": 8 * (3 + 2 * c),
+        "bytes_forward": 8 * (3 + 3 * c),
         "bytes_backward": 8 * (2 + 2 * c),
     }
 

@@ -57,7 +57,6 @@ class BatchNormCache:
     dtype: np.dtype[Any]
     gamma: Vector | None
     has_beta: bool
-    mean_lo: Vector
     # x - shift as (P, C, S) in the working dtype, owned by the cache; None for an eval cache
     # without gamma, whose backward (dx = dy * invstd) needs no x.
     _data: Array | None
@@ -68,6 +67,14 @@ class BatchNormCache:
     _resid: Vector
     # Whether (P, C, S) was taken channels-last (_layout.pcs), so that dx keeps x's layout.
     _moved: bool
+
+    @property
+    def mean_lo(self) -> Vector:
+        # Without stats= the mean is fl(shift + resid) and this is TwoSum's error term (exact
+        # while |resid| <= |shift|; else the mean is of resid's size and needs no remainder);
+        # with stats= shift is the given mean rounded and this gives back its mean_lo.
+        lo: Vector = (self._shift - self.mean) + self._resid
+        return lo
 
     def __repr__(self) -> str:
         mode = "train" if self.training else "eval"

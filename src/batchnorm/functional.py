@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _layout, _validate
 from batchnorm._cache import BatchNormCache
-from batchnorm._exact import Moments, combine, two_sum
+from batchnorm._exact import Moments, combine
 from batchnorm._layout import propagating
 
 __all__ = [
@@ -72,8 +72,8 @@ def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
         return Moments(np.zeros(xa.shape[ax]), np.zeros(xa.shape[ax]), 0)
     x3, _ = _layout.pcs(xa, ax)
     _, shift, resid, var = _layout.centred_moments(x3, _validate.COMPUTE_DTYPES[xa.dtype], count)
-    mean, mean_lo = two_sum(shift, resid)
-    return Moments(mean, var, count, mean_lo)
+    mean = shift + resid
+    return Moments(mean, var, count, (shift - mean) + resid)  # TwoSum's error, as in the cache
 
 
 # --- stage 2: combining parts --------------------------------------------------------------------
@@ -210,7 +210,7 @@ def forward_train(
     if stats is None:
         count = _validate.training_batch(xa.shape, ax)
         data, shift, resid, var = _layout.centred_moments(x3, cdt, count)
-        mean, mean_lo = two_sum(shift, resid)
+        mean = shift + resid
     else:
         mean, var, count, mean_lo = _validate.batch_stats(
             stats, xa.shape[ax], xa.size // xa.shape[ax]
@@ -229,7 +229,7 @@ def forward_train(
     y = _layout.scale_shift(source, scale, offset, xa.dtype)
     cache = BatchNormCache(
         mean, var, count, invstd, True, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        mean_lo, _data=data, _shift=shift, _resid=resid, _moved=moved,
+        _data=data, _shift=shift, _resid=resid, _moved=moved,
     )  # fmt: skip
     return _layout.restore(y, xa.shape, ax, moved), cache
 
@@ -284,7 +284,7 @@ def forward_eval(
                                      xa.dtype, keep=g is not None)  # fmt: skip
     cache = BatchNormCache(
         mu, sigma2, count, invstd, False, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        np.zeros_like(mu), _data=data, _shift=np.zeros_like(mu), _resid=mu, _moved=moved,
+        _data=data, _shift=np.zeros_like(mu), _resid=mu, _moved=moved,
     )  # fmt: skip
     return _layout.restore(y, xa.shape, ax, moved), cache
 
