@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_distribu
 def check(result: dict[str, object], ranks: int) -> None:
     assert result["ranks"] == ranks
     assert result["shape"] == [8, 16, 4, 4]
-    assert result["bytes_forward"] == 8 * (3 + 2 * 16)
+    assert result["bytes_forward"] == 8 * (3 + 3 * 16)  # flag, C, m, mean, var, mean_lo
     assert result["bytes_backward"] == 8 * (2 + 2 * 16)
     local, sync = float(result["local_ms"]), float(result["sync_ms"])  # type: ignore[arg-type]
     assert local > 0 and sync > 0

@@ -35,6 +35,7 @@ __all__ = [
     "backward_input",
     "backward_sums",
     "combine_moments",
+    "double_backward",
     "forward_eval",
     "forward_train",
     "moments",
@@ -382,6 +383,142 @@ def backward(dy: ArrayLike, cache: BatchNormCache) -> tuple[Array, Vector | None
     dx = _input(dy3, cache, sum_dy, sum_dy_xhat)
     dgamma = None if cache.gamma is None else sum_dy_xhat
     return dx, dgamma, sum_dy if cache.has_beta else None
+
+
+# --- second derivatives: the gradients of a function of backward's outputs ------------------------
+
+
+@propagating
+def double_backward(
+    g_dx: ArrayLike,
+    g_dgamma: ArrayLike | None,
+    g_dbeta: ArrayLike | None,
+    dy: ArrayLike,
+    cache: BatchNormCache,
+) -> tuple[Array, Vector | None, Array]:
+    """Gradients of ``<g_dx, dx> + <g_dgamma, dgamma> + <g_dbeta, dbeta>`` with respect to x,
+    gamma and dy, where ``dx, dgamma, dbeta = backward(dy, cache)``.
+
+    What autograd needs to differentiate through :func:`backward`: gradient penalties, double
+    backpropagation, meta-learning. PyTorch's counterpart is ``batchnorm_double_backward``.
+
+    Parameters
+    ----------
+    g_dx : array_like, x's shape, float16, float32 or float64
+        The weight of dx (the upstream gradient of dx).
+    g_dgamma, g_dbeta : array_like of shape (C,), or None
+        The weights of dgamma and dbeta; None means 0. Must be None when forward had no gamma
+        (no beta), since backward then returns no dgamma (dbeta).
+    dy : array_like, x's shape
+        The dy given to backward.
+    cache : BatchNormCache
+        From :func:`forward_train` of a whole batch (the statistics are functions of x) or
+        :func:`forward_eval` (the statistics are constants). Not modified.
+
+    Returns
+    -------
+    gx : ndarray, x's shape, dtype and memory layout
+    ggamma : ndarray of shape (C,), float64, or None when forward had no gamma
+    gdy : ndarray, x's shape, dtype and memory layout
+
+    Raises
+    ------
+    TypeError
+        cache is not a BatchNormCache, or g_dx or dy are not float arrays.
+    ValueError
+        g_dx or dy do not have x's shape, g_dgamma or g_dbeta do not have shape (C,) or weight
+        a gradient backward does not return, or cache is of one part (``stats=``).
+
+    Notes
+    -----
+    Per channel, with ``u = g_dx``, ``a = g_dgamma``, ``b = g_dbeta``, ``s = invstd``
+    (``gamma`` = 1 without gamma) and means over the m values of the channel::
+
+        dyc    = dy - mean(dy) - xhat * mean(dy * xhat)    # dx = gamma * s * dyc
+        uc     = u - mean(u) - xhat * mean(u * xhat)
+        gdy    = gamma * s * uc + a * xhat + b
+        ggamma = s * sum(u * dyc)
+        gx     = s * (a - gamma * s * mean(u * xhat)) * dyc
+                 - gamma * s**2 * (mean(dy * xhat) * uc + mean(u * dyc) * xhat)
+
+    in training mode. In eval mode ``gdy`` is ``gamma * s * u + a * xhat + b``, ``ggamma =
+    s * sum(u * dy)`` and ``gx = a * s * dy``. docs/math.md derives both; all of it is
+    computed in float64 and eps is kept exactly.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> from batchnorm import functional as F
+    >>> x = np.array([[0.0], [1.0], [5.0]])
+    >>> y, cache = bn.forward_train(x, np.ones(1), np.zeros(1))
+    >>> dy = np.array([[1.0], [0.0], [-1.0]])
+    >>> grads = F.double_backward(np.ones_like(x), None, None, dy, cache)
+    >>> [bool(np.abs(g).max() < 1e-12) for g in grads]  # sum(dx) = 0 whatever x, gamma, dy
+    [True, True, True]
+    >>> _, _, gdy = F.double_backward(np.zeros_like(x), None, np.ones(1), dy, cache)
+    >>> gdy.ravel()  # the gradient of dbeta = sum(dy) with respect to dy
+    array([1., 1., 1.])
+    """
+    _validate.cache_type(cache, BatchNormCache)
+    c, shape = len(cache.mean), cache.shape
+    u3 = _in_float64(_validate.dx_weight(g_dx, shape), cache)
+    dy3 = _in_float64(_validate.upstream_gradient(dy, shape), cache)
+    a = _validate.parameter_weight(g_dgamma, "g_dgamma", "gamma", cache.gamma is not None, c)
+    b = _validate.parameter_weight(g_dbeta, "g_dbeta", "beta", cache.has_beta, c)
+    gamma = np.ones(c) if cache.gamma is None else cache.gamma
+    s = cache.invstd
+    if not cache.training:  # the statistics are constants: backward is linear in dy
+        gdy3 = u3 * (gamma * s)[:, None] + b[:, None]
+        if cache.gamma is not None:  # only dgamma involves x
+            gdy3 += _xhat3(cache) * a[:, None]
+        gx3 = dy3 * (a * s)[:, None]
+        ggamma = s * _channel_sums(u3, dy3)[1]
+    else:
+        _validate.whole_batch_cache(cache.count, shape, cache.axis)
+        xhat3, m = _xhat3(cache), cache.count
+        dyc3, mean_dy_xhat = _project(dy3, xhat3, m)
+        uc3, mean_u_xhat = _project(u3, xhat3, m)
+        sum_u_dyc = _channel_sums(u3, dyc3)[1]
+        gdy3 = uc3 * (gamma * s)[:, None] + xhat3 * a[:, None] + b[:, None]
+        gx3 = dyc3 * (s * (a - gamma * s * mean_u_xhat))[:, None]
+        gx3 -= uc3 * (gamma * s * s * mean_dy_xhat)[:, None]
+        gx3 -= xhat3 * (gamma * s * s * sum_u_dyc / m)[:, None]
+        ggamma = s * sum_u_dyc
+    return (
+        _layout.restore(gx3.astype(cache.dtype, copy=False), shape, cache.axis, cache._moved),
+        None if cache.gamma is None else ggamma,
+        _layout.restore(gdy3.astype(cache.dtype, copy=False), shape, cache.axis, cache._moved),
+    )
+
+
+def _project(v3: Array, xhat3: Array, m: int) -> tuple[Array, Vector]:
+    """(v - mean(v) - xhat * mean(v * xhat), mean(v * xhat)) per channel: v with its
+    components along the constant vector and along xhat taken out, as backward does to dy."""
+    total, dot = _channel_sums(v3, xhat3)
+    mean_v_xhat = dot / m
+    vc3 = v3 - (total / m)[:, None]
+    vc3 -= xhat3 * mean_v_xhat[:, None]
+    return vc3, mean_v_xhat
+
+
+def _xhat3(cache: BatchNormCache) -> Array:
+    """xhat = (x - mean) * invstd as a (P, C, S) float64 array, from the cache's centred copy
+    of x. The one place outside the first-order kernels that reads how the cache holds x."""
+    assert cache._data is not None
+    xhat3 = cache._data.astype(np.float64)  # a copy: the cache is never modified
+    xhat3 -= cache._resid[:, None]  # the mean, measured from data's origin, kept exact
+    xhat3 *= cache.invstd[:, None]
+    return xhat3
+
+
+def _in_float64(a: Array, cache: BatchNormCache) -> Array:
+    """An array of x's shape as the C-contiguous (P, C, S) float64 array matching x's."""
+    return _layout.like(a, cache.axis, cache._moved, np.dtype(np.float64))
+
+
+def _channel_sums(v3: Array, w3: Array) -> tuple[Vector, Vector]:
+    """Per-channel sum(v) and sum(v * w) of (P, C, S) float64 arrays."""
+    return _layout.sums(v3, w3, np.zeros(v3.shape[1]), centred=True)
 
 
 def _gradient(dy: ArrayLike, cache: BatchNormCache) -> Array:

@@ -18,9 +18,11 @@ __all__ = [
     "channel_axis",
     "channel_list",
     "channel_sums",
+    "dx_weight",
     "eps_value",
     "eval_batch",
     "float_array",
+    "parameter_weight",
     "parts",
     "parts_lo",
     "per_channel",
@@ -28,6 +30,7 @@ __all__ = [
     "training_batch",
     "upstream_gradient",
     "value_count",
+    "whole_batch_cache",
 ]
 
 
@@ -276,3 +279,50 @@ def sums_need_data() -> ValueError:
         "without gamma) keeps no copy of x, since its own backward needs none. Pass "
         "gamma=np.ones(C) to forward_eval to keep one."
     )
+
+
+def dx_weight(value: Any, shape: tuple[int, ...]) -> NDArray[np.floating[Any]]:
+    """Check double_backward's g_dx: a float array of the forward input's shape."""
+    arr = float_array(value, "g_dx")
+    if arr.shape != shape:
+        raise ValueError(
+            f"g_dx must have the shape of the forward input x (and of dx), {shape}; got "
+            f"{arr.shape}. It weights dx in <g_dx, dx> + <g_dgamma, dgamma> + <g_dbeta, dbeta>, "
+            "the scalar that double_backward differentiates."
+        )
+    return arr
+
+
+def parameter_weight(
+    value: Any, name: str, parameter: str, present: bool, num_channels: int
+) -> NDArray[np.float64]:
+    """Check double_backward's g_dgamma or g_dbeta: None (read as 0) or a real (C,) array
+    (NaN allowed: it propagates); a weight for a gradient that backward does not return is
+    refused."""
+    if value is None:
+        return np.zeros(num_channels)
+    if not present:
+        raise ValueError(
+            f"{name} must be None: the forward call had no {parameter}, so backward returns "
+            f"d{parameter} = None and there is nothing for {name} to weight. Pass {name}=None, "
+            f"or give {parameter} to forward."
+        )
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf" or arr.shape != (num_channels,):
+        raise ValueError(
+            f"{name} must be None or a real array of shape ({num_channels},), the weight of "
+            f"d{parameter} (one value per channel); got dtype {arr.dtype}, shape {arr.shape}."
+        )
+    return arr.astype(np.float64)
+
+
+def whole_batch_cache(count: int, shape: tuple[int, ...], axis: int) -> None:
+    """Check that a training cache is that of a whole normalization batch, not of one part."""
+    local = math.prod(shape) // shape[axis]
+    if count != local:
+        raise ValueError(
+            f"double_backward needs the cache of a whole normalization batch; this one holds "
+            f"{local} of the batch's {count} values per channel (forward_train(..., stats=...)), "
+            "and the second derivatives of one part involve the data of every other part. Call "
+            "forward_train on the whole batch and pass that cache."
+        )
