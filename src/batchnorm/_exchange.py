@@ -112,7 +112,7 @@ def forward_train(
     offset). `num_features`, when given, is the layer's C.
     """
 
-    def local() -> tuple[NDArray[np.floating[Any]], Vector]:
+    def local() -> tuple[Any, Vector]:
         xa = _validate.float_array(x)
         if num_features is not None:
             xa = _validate.layer_input(xa, num_features, axis)
@@ -122,11 +122,12 @@ def forward_train(
         for value, name in ((gamma, "gamma"), (beta, "beta")):
             if value is not None:
                 _validate.per_channel(value, name, c)
-        mean, var, count = part = F.moments(xa, axis=ax)
-        _validate.finite_statistics(mean, var, "nothing was changed on any rank")
-        return xa, np.concatenate(([c, count], mean, var, part.mean_lo))
+        found, kept = F._measure(xa, ax)  # stage 1, keeping the centred part for stage 3
+        _validate.finite_statistics(found.mean, found.var, "nothing was changed on any rank")
+        payload = np.concatenate(([c, found.count], found.mean, found.var, found.mean_lo))
+        return (xa, ax, kept), payload
 
-    xa, parts = gather(group, local, "the synchronized forward pass")
+    (xa, ax, kept), parts = gather(group, local, "the synchronized forward pass")
     c = widths(parts, "the synchronized forward pass")
     counts = [int(part[1]) for part in parts]
     table = np.array(parts)[:, 2:].reshape(len(parts), 3, c)  # (ranks, [mean, var, lo], C)
@@ -136,7 +137,7 @@ def forward_train(
         raise _validate.group_batch(counts)
     # Finite parts can still pool to inf; every rank sees the same result and raises alike.
     _validate.finite_statistics(stats.mean, stats.var, "nothing was changed on any rank")
-    return F.forward_train(xa, gamma, beta, eps=eps, axis=axis, stats=stats)
+    return F._finish(kept, xa, ax, gamma, beta, eps, stats)
 
 
 def backward(

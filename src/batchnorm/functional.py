@@ -18,7 +18,7 @@ per-channel results are float64; inputs are never modified. How memory is walked
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -67,14 +67,7 @@ def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
     (array([ 2., 20.]), array([  1., 100.]), 2)
     """
     xa = _validate.float_array(x)
-    ax = _validate.channel_axis(xa.shape, axis)
-    count = _validate.eval_batch(xa.shape, ax)
-    if count == 0:
-        return Moments(np.zeros(xa.shape[ax]), np.zeros(xa.shape[ax]), 0)
-    x3, _ = _layout.pcs(xa, ax)
-    _, shift, resid, var = _layout.centred_moments(x3, _validate.COMPUTE_DTYPES[xa.dtype], count)
-    mean = shift + resid
-    return Moments(mean, var, count, (shift - mean) + resid)  # TwoSum's error, as in the cache
+    return _measure(xa, _validate.channel_axis(xa.shape, axis))[0]
 
 
 # --- stage 2: combining parts --------------------------------------------------------------------
@@ -218,21 +211,69 @@ def forward_train(
         )
         data, shift = _layout.centre_on(x3, cdt, mean)
         resid = (mean - shift) + mean_lo  # mean - shift is exact: shift is mean rounded
-    invstd = 1.0 / np.sqrt(var + eps_f)
-    scale = invstd if g is None else g * invstd
+    part = _Centred(xa, ax, x3, moved, data, shift)
+    return _normalize(part, mean, var, count, resid, g, b, eps_f)
 
+
+class _Centred(NamedTuple):
+    """x as (P, C, S) and centred, ``data = x - shift``, between stages 1 and 3."""
+
+    xa: Array
+    ax: int
+    x3: Array
+    moved: bool
+    data: Array
+    shift: Vector
+
+
+def _normalize(
+    part: _Centred, mean: Vector, var: Vector, count: int, resid: Vector, g: Any, b: Any,
+    eps: float,
+) -> tuple[Array, BatchNormCache]:  # fmt: skip
+    """Stage 3 on a centred part; resid is the normalization mean measured from the shift."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if g is None else g * invstd
     # y = scale * (x - mean) + beta: from x itself while every mean lies within a standard
     # deviation of 0 (fewest roundings), else from data = x - shift (no cancellation against
     # a large offset).
+    x3, data = part.x3, part.data
     from_x = data.dtype == x3.dtype and bool((mean * mean <= var).all())
     source, ref = (x3, mean) if from_x else (data, resid)
     offset = -ref * scale if b is None else b - ref * scale
+    xa, ax = part.xa, part.ax
     y = _layout.scale_shift(source, scale, offset, xa.dtype)
     cache = BatchNormCache(
-        mean, var, count, invstd, True, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        _data=data, _shift=shift, _resid=resid, _moved=moved,
+        mean, var, count, invstd, True, eps, ax, xa.shape, xa.dtype, g, b is not None,
+        _data=data, _shift=part.shift, _resid=resid, _moved=part.moved,
     )  # fmt: skip
-    return _layout.restore(y, xa.shape, ax, moved), cache
+    return _layout.restore(y, xa.shape, ax, part.moved), cache
+
+
+def _measure(xa: Array, ax: int) -> tuple[Moments, _Centred | None]:
+    """Stage 1 on checked x, keeping the centred data for :func:`_finish` (None for an empty
+    part): a synchronized step reads x once for both stages, as a local one does."""
+    count = _validate.eval_batch(xa.shape, ax)
+    if count == 0:
+        return Moments(np.zeros(xa.shape[ax]), np.zeros(xa.shape[ax]), 0), None
+    x3, moved = _layout.pcs(xa, ax)
+    data, shift, resid, var = _layout.centred_moments(x3, _validate.COMPUTE_DTYPES[xa.dtype], count)
+    mean = shift + resid
+    found = Moments(mean, var, count, (shift - mean) + resid)  # TwoSum's error, as in the cache
+    return found, _Centred(xa, ax, x3, moved, data, shift)
+
+
+@propagating
+def _finish(
+    part: _Centred | None, xa: Array, ax: int, gamma: Any, beta: Any, eps: float, stats: Moments
+) -> tuple[Array, BatchNormCache]:
+    """Stage 3 of :func:`_measure`'s part with the whole batch's statistics: the same result
+    as ``forward_train(x, gamma, beta, eps=eps, axis=ax, stats=stats)``."""
+    if part is None:
+        return forward_train(xa, gamma, beta, eps=eps, axis=ax, stats=stats)
+    g, b = _affine(gamma, beta, xa.shape[ax])
+    mean, var, count = stats
+    resid = (mean - part.shift) + stats.mean_lo  # the shift lies near the mean: exact
+    return _normalize(part, mean, var, count, resid, g, b, _validate.eps_value(eps))
 
 
 @propagating
