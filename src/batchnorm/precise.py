@@ -39,7 +39,10 @@ class PopulationStats:
     Batches are combined with the parallel formula of Chan, Golub and LeVeque: the pooled
     variance is the count-weighted mean of the within-batch variances *plus* the variance of
     the batch means, so the result is the variance of the concatenated data, whatever the
-    split into batches and their order (up to rounding).
+    split into batches and their order (up to rounding). The mean and the sum of squared
+    deviations are each kept as a float64 pair hi + lo (TwoSum), so that rounding grows neither
+    with the offset of the data nor with the number of batches: within a few units of 2^-52 of
+    exact arithmetic at offsets up to 1e8 (docs/math.md, "Exact at any offset").
 
     Parameters
     ----------
