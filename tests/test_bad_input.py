@@ -373,7 +373,9 @@ def positive_int_outcome(name: str) -> Callable[[str], Outcome]:
             return OK
         if kind == "huge_int":
             return Raises(ValueError, "num_features=.* is more channels than a NumPy array can")
-        return Raises(ValueError, f"{name} must be a positive int")
+        # A value of the wrong type is a TypeError, an int out of range a ValueError.
+        error = ValueError if kind in ("negative", "zero") else TypeError
+        return Raises(error, f"{name} must be a positive int")
 
     return outcome
 

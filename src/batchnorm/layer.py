@@ -353,12 +353,31 @@ class BatchNorm:
 
         Every entry is checked (keys; shapes (C,); real dtype; finite; running_var >= 0;
         num_batches_tracked a non-negative int) before anything is loaded: on any error the
-        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest; a
-        state of which no key matches is an error in both modes. A whole model's state (keys
-        such as ``bn1.running_mean``) is refused with the prefixes found; strip one::
+        layer is unchanged. ``strict=True`` loads exactly this layer's keys or raises
+        ValueError. ``strict=False`` loads the matching keys and returns the others, as
+        PyTorch does; when no key matches (an empty state included) it loads nothing and
+        warns (UserWarning). A whole model's state (keys such as ``bn1.running_mean``) is
+        refused (a warning with ``strict=False``) with the prefixes found; strip one::
 
             layer.load_state_dict({k.removeprefix("bn1."): v for k, v in state.items()
                                    if k.startswith("bn1.")})
+
+        Returns
+        -------
+        LoadResult
+            A named tuple ``(missing_keys, unexpected_keys)``: this layer's keys absent from
+            state, and the keys of state this layer does not have (both empty when strict).
+
+        Examples
+        --------
+        >>> import warnings, batchnorm as bn
+        >>> layer = bn.BatchNorm(3)
+        >>> layer.load_state_dict(bn.BatchNorm(3).state_dict())
+        LoadResult(missing_keys=[], unexpected_keys=[])
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")      # "loaded nothing"
+        ...     layer.load_state_dict({}, strict=False).missing_keys
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
         """
         return _saved.load_state_dict(self, state, strict)
 
@@ -367,14 +386,19 @@ class BatchNorm:
 
         NumPy appends ``.npz`` when the name has no such suffix. No pickled objects are written
         (:meth:`load` reads with ``allow_pickle=False``); a synchronized layer's group is not."""
-        return _saved.save(self, path)
+        return _saved.save(self, path, self._format, self._extra_entries())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BatchNorm:
-        """Read a layer written by :meth:`save`: FileNotFoundError for no such file, ValueError
-        for one that is truncated, malformed, holds pickled objects, unknown or repeated
-        entries, or values that fail :meth:`load_state_dict`'s checks (never executed)."""
-        layer: BatchNorm = _saved.load(cls, path)
+        """Read a layer written by :meth:`save` (of this class; BatchRenorm has its own).
+
+        `path` is the name given to :meth:`save` or the path it returned: ``load("bn1")``
+        reads ``bn1.npz`` when there is no file ``bn1``. FileNotFoundError for no such file;
+        ValueError for a file of another class (naming the loader that reads it) and for one
+        that is truncated, malformed, holds pickled objects, unknown or repeated entries, or
+        values that fail :meth:`load_state_dict`'s checks (never executed)."""
+        layer = _saved.load(path, cls._format, cls._config_keys, cls._from_config)
+        assert isinstance(layer, cls)
         return layer
 
     def _extra_entries(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec
@@ -28,10 +29,12 @@ __all__ = [
     "layer_input",
     "model_prefixes",
     "momentum_value",
+    "no_saved_file",
     "num_features",
     "positional_eps",
     "refuse_num_dims",
     "saved_file",
+    "saved_format",
     "saved_scalar",
     "saved_width",
     "state_counter",
@@ -59,8 +62,13 @@ def refuse_num_dims(init: Callable[_P, None]) -> Callable[_P, None]:
 
 
 def num_features(value: Any) -> int:
-    """Check the layer's channel count."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    """Check the layer's channel count: TypeError for a non-int, ValueError for one < 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"num_features must be a positive int, the number of channels C; got {value!r} "
+            f"({type(value).__name__}). Pass an int, e.g. BatchNorm(64)."
+        )
+    if value <= 0:
         raise ValueError(
             f"num_features must be a positive int, the number of channels C; got {value!r}."
         )
@@ -170,12 +178,13 @@ def backward_before_forward() -> RuntimeError:
 STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
+def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> str | None:
     """Check the keys of a state dict against the ones this layer has.
 
-    Keys such as ``bn1.running_mean`` are a whole model's state: the error says which prefixes
-    were found and how to strip one. A non-strict load that would match no key at all is an
-    error too, instead of a load that silently does nothing.
+    Keys such as ``bn1.running_mean`` are a whole model's state: the message says which
+    prefixes were found and how to strip one. A strict load raises; a non-strict load of which
+    no key matches loads nothing, as PyTorch's does, and gets the message back as a warning to
+    give (None: nothing to warn about).
     """
     if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
         raise TypeError(
@@ -186,18 +195,12 @@ def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
     missing = [k for k in expected if k not in given]
     unexpected = sorted(str(k) for k in given - set(expected))
     prefixes = model_prefixes(unexpected, expected)
-    if prefixes and (strict or len(missing) == len(expected)):
-        example = prefixes[0]
-        shown = ", ".join(repr(p) for p in prefixes[:5])
-        more = f" (and {len(prefixes) - 5} more)" if len(prefixes) > 5 else ""
-        sample = next(k for k in unexpected if k.startswith(example))
+    nothing = bool(expected) and len(missing) == len(expected)
+    if prefixes and strict:
         raise ValueError(
-            f"state does not match this layer: missing keys {missing}. Its keys, such as "
-            f"{sample!r}, are a whole model's: this layer's names {list(expected)} appear "
-            f"behind the prefixes {shown}{more}. Select one layer's entries and strip its "
-            f"prefix, e.g. layer.load_state_dict({{k.removeprefix({example!r}): v for k, v in "
-            f"state.items() if k.startswith({example!r})}}). strict=False would load none of "
-            "these keys."
+            f"state does not match this layer: missing keys {missing}. "
+            + _prefix_hint(prefixes, unexpected, expected)
+            + " strict=False would load none of these keys."
         )
     if strict and (missing or unexpected):
         raise ValueError(
@@ -206,16 +209,37 @@ def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
             "matching keys only (affine=False has no weight/bias, track_running_stats=False "
             "has no running statistics)."
         )
-    if expected and len(missing) == len(expected):
-        what = (
-            f"none of the keys {unexpected[:10]} is one of this layer's keys {list(expected)}"
-            if unexpected
-            else "state is empty"
+    if not nothing:
+        return None
+    if prefixes:
+        return (
+            "load_state_dict(strict=False) loaded nothing: no key of state is one of this "
+            "layer's. " + _prefix_hint(prefixes, unexpected, expected)
         )
-        raise ValueError(
-            f"strict=False would load nothing: {what}. Pass the state of a BatchNorm "
-            "(layer.state_dict(), or a PyTorch BatchNorm's state converted to NumPy)."
-        )
+    what = (
+        f"none of the keys {unexpected[:10]} is one of this layer's keys {list(expected)}"
+        if unexpected
+        else "state is empty"
+    )
+    return (
+        f"load_state_dict(strict=False) loaded nothing: {what}; every key is reported missing "
+        "and the layer is unchanged. Pass the state of a BatchNorm (layer.state_dict(), or a "
+        "PyTorch BatchNorm's state converted to NumPy)."
+    )
+
+
+def _prefix_hint(prefixes: list[str], unexpected: list[str], expected: tuple[str, ...]) -> str:
+    """How to load one layer's entries out of a whole model's state."""
+    example = prefixes[0]
+    shown = ", ".join(repr(p) for p in prefixes[:5])
+    more = f" (and {len(prefixes) - 5} more)" if len(prefixes) > 5 else ""
+    sample = next(k for k in unexpected if k.startswith(example))
+    return (
+        f"Its keys, such as {sample!r}, are a whole model's: this layer's names "
+        f"{list(expected)} appear behind the prefixes {shown}{more}. Select one layer's "
+        f"entries and strip its prefix, e.g. layer.load_state_dict({{k.removeprefix("
+        f"{example!r}): v for k, v in state.items() if k.startswith({example!r})}})."
+    )
 
 
 def model_prefixes(keys: list[str], expected: tuple[str, ...]) -> list[str]:
@@ -269,6 +293,31 @@ def saved_file(path: Any, problem: str) -> ValueError:
     return ValueError(
         f"{path} is not a valid BatchNorm file: {problem}. BatchNorm.load reads only .npz "
         "files written by BatchNorm.save (never pickled objects)."
+    )
+
+
+def saved_format(path: Any, expected: str, found: str | None) -> ValueError:
+    """The error for a file whose 'format' entry is not the loader's: name the class that
+    wrote it and the loader that reads it."""
+    writer = re.fullmatch(r"batchnorm\.(\w+)/\d+", found or "")
+    reader = re.fullmatch(r"batchnorm\.(\w+)/\d+", expected)
+    if writer is None or reader is None or writer[1] == reader[1]:
+        problem = "it has no 'format' entry"
+        if found is not None:
+            problem = f"its 'format' entry is {found!r}"
+        return saved_file(path, f"{problem}, not {expected!r}")
+    return ValueError(
+        f"{path} was written by {writer[1]}.save (format {found!r}), and {reader[1]}.load reads "
+        f"only {reader[1]} files (format {expected!r}). Read it with "
+        f"batchnorm.{writer[1]}.load(path)."
+    )
+
+
+def no_saved_file(path: Any, npz: Any) -> FileNotFoundError:
+    """The error for a layer file that exists neither as named nor with save()'s .npz suffix."""
+    also = "" if str(npz) == str(path) else f" (nor {str(npz)!r}, the name save() gives it)"
+    return FileNotFoundError(
+        f"no such file: {str(path)!r}{also}. Pass the path that layer.save() returned."
     )
 
 

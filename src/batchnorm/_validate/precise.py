@@ -33,8 +33,10 @@ __all__ = [
 
 def positive_count(value: Any, name: str) -> int:
     """Check a positive integer option such as num_batches_precise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value <= 0:
+        error = TypeError if wrong_type else ValueError
+        raise error(f"{name} must be a positive int; got {value!r}.")
     return int(value)
 
 

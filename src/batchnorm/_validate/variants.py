@@ -21,8 +21,9 @@ def ghost_batch_size(value: Any) -> int | None:
     """Check ghost_batch_size: None (the whole batch) or a positive int k."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value < 1:
+        raise (TypeError if wrong_type else ValueError)(
             f"ghost_batch_size must be None (normalize over the whole batch) or a positive int k, "
             f"the number of samples per ghost batch; got {value!r}."
         )
