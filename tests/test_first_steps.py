@@ -245,3 +245,52 @@ def test_loading_with_the_wrong_class_names_the_right_loader(
     assert f"written by {writer.__name__}.save" in message
     assert f"Read it with batchnorm.{writer.__name__}.load(path)" in message
     assert type(writer.load(path)) is writer
+
+
+# --- PyTorch's momentum habit ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_momentum_warnings() -> Any:
+    """The momentum warning comes once per value per process: forget the values seen so far."""
+    from batchnorm import layer
+
+    layer._warned_momenta.clear()
+    yield
+    layer._warned_momenta.clear()
+
+
+@pytest.mark.usefixtures("fresh_momentum_warnings")
+@pytest.mark.parametrize(("cls", "value", "meant"), [(bn.BatchNorm, 0.1, "0.9"),
+                                                     (bn.BatchRenorm, 0.3, "0.7")])  # fmt: skip
+def test_a_pytorch_momentum_warns_once_per_value(
+    cls: type[bn.BatchNorm], value: float, meant: str
+) -> None:
+    with pytest.warns(UserWarning, match=f"^momentum={value} weights the OLD") as record:
+        layer = cls(4, momentum=value)
+    assert layer.momentum == value  # accepted: a warning, not an error
+    message = str(record[0].message)
+    assert f"PyTorch's momentum={value} is momentum={meant} here" in message
+    assert 'warnings.filterwarnings("ignore", message="momentum=")' in message
+    assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(4, momentum=value)  # the same value again: no second warning
+    with pytest.warns(UserWarning, match="momentum=0.2 weights"):
+        cls(4, 1e-5, 0.2)
+
+
+@pytest.mark.usefixtures("fresh_momentum_warnings")
+@pytest.mark.parametrize("value", [0.5, 0.9, 0.99, 1.0, None])
+def test_momentum_from_half_up_and_none_do_not_warn(value: float | None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn.BatchNorm(4, momentum=value)
+
+
+@pytest.mark.usefixtures("fresh_momentum_warnings")
+def test_the_documented_filter_silences_the_momentum_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="momentum=")
+        assert bn.BatchNorm(4, momentum=0.1).momentum == 0.1

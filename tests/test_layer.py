@@ -285,6 +285,7 @@ def test_running_statistics_update(
         assert layer.running_mean.dtype == np.float64 == layer.running_var.dtype
 
 
+@pytest.mark.filterwarnings("ignore:momentum=0.0 weights the OLD")
 def test_momentum_one_keeps_and_zero_replaces() -> None:
     rng = np.random.default_rng(12)
     x = make_input(rng, (10, 3))

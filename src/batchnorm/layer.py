@@ -7,8 +7,11 @@ state and decides which kernel to call.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +23,23 @@ from batchnorm._saved import LoadResult
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 
 __all__ = ["BatchNorm", "LoadResult"]
+
+#: The momentum values below 0.5 already warned about: the warning comes once per value.
+_warned_momenta: set[float] = set()
+
+
+def _pytorch_momentum(momentum: float | None) -> None:
+    """Warn, once per value, about a momentum < 0.5: most likely PyTorch's convention."""
+    if momentum is None or momentum >= 0.5 or momentum in _warned_momenta:
+        return
+    _warned_momenta.add(momentum)
+    # Point at the caller's line, however many of this package's frames (a subclass's
+    # __init__, BatchNorm.load) lie between.
+    package, level = os.path.dirname(__file__) + os.sep, 1
+    frame: FrameType | None = sys._getframe()
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(_validate.pytorch_momentum(momentum), UserWarning, stacklevel=level)
 
 
 class BatchNorm:
@@ -42,9 +62,11 @@ class BatchNorm:
             running = momentum * running + (1 - momentum) * batch_statistic
 
         as in the original paper's code, cs231n, d2l and Keras. PyTorch's ``momentum`` is the
-        weight of the new value: PyTorch's 0.1 is 0.9 here. None keeps the cumulative average
-        of all batches seen (running = running + (batch - running) / num_batches_tracked), as
-        PyTorch's ``momentum=None``.
+        weight of the new value: PyTorch's 0.1 is 0.9 here. A momentum below 0.5 warns
+        (UserWarning, once per value), naming the value a PyTorch user meant; silence it with
+        ``warnings.filterwarnings("ignore", message="momentum=")``. None keeps the cumulative
+        average of all batches seen (running = running + (batch - running) /
+        num_batches_tracked), as PyTorch's ``momentum=None``.
     affine : bool, default True
         Learn a per-channel scale ``gamma`` (init 1) and shift ``beta`` (init 0). False: no
         parameters; ``gamma``, ``beta``, ``dgamma`` and ``dbeta`` are None.
@@ -130,6 +152,7 @@ class BatchNorm:
         self.num_features = _validate.num_features(num_features)
         self.eps = _validate.eps_value(eps)
         self.momentum = _validate.momentum_value(momentum)
+        _pytorch_momentum(self.momentum)
         self.affine = _validate.flag(affine, "affine")
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")

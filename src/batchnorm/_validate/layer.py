@@ -32,6 +32,7 @@ __all__ = [
     "no_saved_file",
     "num_features",
     "positional_eps",
+    "pytorch_momentum",
     "refuse_num_dims",
     "saved_file",
     "saved_format",
@@ -106,6 +107,18 @@ def momentum_value(value: Any) -> float | None:
             "PyTorch's momentum=0.1 is momentum=0.9 here; None keeps a cumulative average."
         )
     return m
+
+
+def pytorch_momentum(value: float) -> str:
+    """The warning for a momentum below 0.5: most likely PyTorch's convention."""
+    return (
+        f"momentum={value!r} weights the OLD running value here (running = momentum * running + "
+        f"(1 - momentum) * batch_statistic), so each batch statistic gets weight {1.0 - value:g} "
+        "and the running statistics follow the last batches closely. PyTorch's momentum "
+        f"weights the new value: PyTorch's momentum={value!r} "
+        f"is momentum={1.0 - value:g} here. If {value!r} is what you mean, silence this with "
+        'warnings.filterwarnings("ignore", message="momentum=").'
+    )
 
 
 def flag(value: Any, name: str) -> bool:
