@@ -33,13 +33,29 @@ def _pytorch_momentum(momentum: float | None) -> None:
     if momentum is None or momentum >= 0.5 or momentum in _warned_momenta:
         return
     _warned_momenta.add(momentum)
-    # Point at the caller's line, however many of this package's frames (a subclass's
-    # __init__, BatchNorm.load) lie between.
+    _warn(_validate.pytorch_momentum(momentum), UserWarning)
+
+
+def _float16_overflow(x: ArrayLike, y: NDArray[np.floating[Any]], layer: BatchNorm) -> None:
+    """Warn when a float16 output overflowed to inf where x was finite (computed in float32,
+    y can exceed float16's range, 65504, with a large gamma or beta)."""
+    if y.dtype != np.float16 or np.isfinite(y).all():
+        return
+    bad = ~np.isfinite(y) & np.isfinite(np.asarray(x))
+    per_channel = np.moveaxis(bad, layer.axis, 0).reshape(layer.num_features, -1).any(axis=1)
+    if per_channel.any():
+        _warn(_validate.float16_overflow(np.flatnonzero(per_channel), layer.gamma, layer.beta),
+              RuntimeWarning)  # fmt: skip
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """Warn at the caller's line, however many of this package's frames (a subclass's
+    __init__, BatchNorm.load, forward) lie between."""
     package, level = os.path.dirname(__file__) + os.sep, 1
     frame: FrameType | None = sys._getframe()
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
-    warnings.warn(_validate.pytorch_momentum(momentum), UserWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 class BatchNorm:
@@ -189,7 +205,9 @@ class BatchNorm:
         (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
         ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
         layer in every mode, normalizes with the running statistics. Bad input (TypeError,
-        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing."""
+        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing. A
+        float16 output that overflows to inf where x is finite (a large gamma or beta: float16
+        ends at 65504) gives a RuntimeWarning naming the channels, before any state changes."""
         if self.training and not self.frozen:
             return self._forward_train(x)
         # The kernel checks x; the layer adds only what the kernel cannot know.
@@ -201,6 +219,7 @@ class BatchNorm:
                                     self.running_var, eps=self.eps, axis=self.axis)  # fmt: skip
         else:  # eval mode, track_running_stats=False: this rank's batch statistics
             y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        _float16_overflow(x, y, self)
         self._cache, self._parts, self._cache_group = cache, (), None
         return y
 
@@ -230,6 +249,8 @@ class BatchNorm:
                 running = self._advance(running, part.cache)
             outputs.append(y)
             parts.append(part)
+        y = outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
+        _float16_overflow(x, y, self)  # before any write: it raises under -W error
         for part in parts:
             for observe in self._observers:
                 observe(part.cache)
@@ -240,7 +261,7 @@ class BatchNorm:
             np.copyto(self.running_var, running[1])
             self.num_batches_tracked = running[2]
         self._cache, self._parts, self._cache_group = parts[-1].cache, tuple(parts), self.group
-        return outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
+        return y
 
     def _normalize(
         self, x: ArrayLike, running: tuple[Any, Any, int] | None

@@ -21,6 +21,7 @@ __all__ = [
     "finite_statistics",
     "finite_values",
     "flag",
+    "float16_overflow",
     "fold_target",
     "fold_weight",
     "foldable",
@@ -118,6 +119,21 @@ def pytorch_momentum(value: float) -> str:
         f"weights the new value: PyTorch's momentum={value!r} "
         f"is momentum={1.0 - value:g} here. If {value!r} is what you mean, silence this with "
         'warnings.filterwarnings("ignore", message="momentum=").'
+    )
+
+
+def float16_overflow(channels: NDArray[np.intp], gamma: Any, beta: Any) -> str:
+    """The warning for a float16 layer output that overflowed to inf."""
+    largest = [
+        f"max |{name}| = {float(np.max(np.abs(v))):.3g}"
+        for name, v in (("gamma", gamma), ("beta", beta))
+        if v is not None and v.size
+    ]
+    return (
+        f"the float16 output of channels {channel_list(channels)} overflowed to inf: "
+        "gamma * xhat + beta is computed in float32 but exceeds float16's largest value, "
+        f"65504 ({', '.join(largest) or 'no affine parameters'}). Pass float32 input "
+        "(x.astype(np.float32)), or check gamma and beta."
     )
 
 
