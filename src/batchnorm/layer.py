@@ -450,8 +450,9 @@ class BatchNorm:
         return {}
 
     @classmethod
-    def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
-        """A new layer from the saved configuration (subclasses read their own entries)."""
+    def _from_config(cls, entry: Callable[..., Any], *args: Any, **config: Any) -> BatchNorm:
+        """A new layer from the saved configuration (subclasses read their own entries with
+        ``entry(key, kinds)``, or ``entry(key, kinds, default)`` for one older files lack)."""
         return cls(*args, **config)
 
     def __repr__(self) -> str:

@@ -353,9 +353,12 @@ def no_saved_file(path: Any, npz: Any) -> FileNotFoundError:
 ENTRY_KINDS = {"f": "float", "iu": "integer", "b": "bool"}
 
 
-def saved_scalar(arrays: Mapping[str, NDArray[Any]], key: str, kinds: str) -> Any:
-    """One 0-d entry of a file written by BatchNorm.save, of the dtype kind save writes."""
+def saved_scalar(arrays: Mapping[str, NDArray[Any]], key: str, kinds: str, *default: Any) -> Any:
+    """One 0-d entry of a file written by BatchNorm.save, of the dtype kind save writes; a
+    missing entry is an error unless a default is given (an entry older files lack)."""
     if key not in arrays:
+        if default:
+            return default[0]
         raise ValueError(f"its {key!r} entry is missing")
     value = arrays[key]
     if value.shape != () or value.dtype.kind not in kinds:

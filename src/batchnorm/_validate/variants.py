@@ -14,6 +14,7 @@ __all__ = [
     "no_group",
     "renorm_limits",
     "renorm_needs_running_stats",
+    "warmup_steps",
 ]
 
 
@@ -81,6 +82,18 @@ def renorm_limits(rmax: Any, dmax: Any) -> tuple[float, float]:
             "the paper raises them gradually to 3 and 5; math.inf switches clipping off."
         )
     return float(rmax), float(dmax)
+
+
+def warmup_steps(value: Any) -> int:
+    """Check BatchRenorm's warmup_steps: an int >= 0 (0: no warm-up)."""
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value < 0:
+        error = TypeError if wrong_type else ValueError
+        raise error(
+            f"warmup_steps must be an int >= 0, the number of training batches with r = 1 and "
+            f"d = 0 before rmax and dmax relax (0: no warm-up); got {value!r}."
+        )
+    return int(value)
 
 
 def renorm_needs_running_stats() -> ValueError:
