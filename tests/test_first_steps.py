@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -118,6 +119,34 @@ def test_python_m_batchnorm_without_arguments_prints_the_conventions_screen() ->
     assert done.stdout.startswith(f"batchnorm {bn.__version__}: ")
     assert "usage:" not in done.stdout
     assert "Start here:" in done.stdout
+
+
+def test_python_m_batchnorm_lists_every_example_and_variant() -> None:
+    done = _run_module()
+    assert done.returncode == 0, done.stderr
+    scripts = {p.name for p in (Path(__file__).parents[1] / "examples").glob("*.py")}
+    scripts -= {"common.py", "nn.py"}  # helper modules, not scripts
+    listed = set(re.findall(r"examples/(\w+\.py)", done.stdout))
+    assert listed == scripts
+    for variant in ["ghost_batch_size=k", ".freeze()", "BatchRenorm(", "AdaBN", "PreciseBN",
+                    "group="]:  # fmt: skip
+        assert variant in done.stdout, variant
+    assert max(len(line) for line in done.stdout.splitlines()) <= 100
+
+
+def test_python_m_batchnorm_points_to_docs_that_an_installed_package_has(tmp_path: Path) -> None:
+    # Run away from the source tree: what it points to must not need docs/ or examples/.
+    done = subprocess.run([sys.executable, "-m", "batchnorm"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    commands = re.findall(r"python -m pydoc ([\w.]+)", done.stdout)
+    assert {"batchnorm.BatchNorm", "batchnorm.precise_bn"} <= set(commands)
+    for name in commands:
+        page = subprocess.run([sys.executable, "-m", "pydoc", name], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+        assert page.returncode == 0 and "Examples" in page.stdout, name
+        assert "no Python documentation found" not in page.stdout
+    assert "not part of the installed package" in done.stdout
 
 
 def test_python_m_batchnorm_refuses_unknown_arguments() -> None:
