@@ -43,7 +43,9 @@ import numpy as np
 from common import (
     THREADS_HELP,
     Digits,
+    HelpFormatter,
     accuracy,
+    batch_size_int,
     figure_dir,
     input_batches,
     load_digits,
@@ -132,18 +134,26 @@ def plot(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp")
-    parser.add_argument("--epochs", type=positive_int, default=20)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    parser.add_argument(
+        "--batch-size", type=batch_size_int, default=32, help="SGD and PreciseBN batch size"
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds")
     parser.add_argument(
-        "--adabn-samples", type=positive_int, default=64, help="target images for small AdaBN"
+        "--adabn-samples",
+        type=positive_int,
+        default=64,
+        help="target images for the small AdaBN (the first of the shuffled target training set)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="PNG directory (default: a new temporary dir)"
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the PNG figure (default: a new temporary directory)",
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)

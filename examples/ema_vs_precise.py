@@ -52,6 +52,7 @@ import numpy as np
 from common import (
     THREADS_HELP,
     Digits,
+    HelpFormatter,
     State,
     accuracy,
     batch_size_int,
@@ -505,20 +506,11 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default, except None and False (an unset option or an off switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Regenerate the figures of docs/results.md with --out docs/img.",
-        formatter_class=_DefaultsFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
@@ -555,8 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out",
         type=Path,
         default=None,
-        help="directory for the PNG plots; default: a new temporary directory (docs/img holds "
-        "the shipped figures: pass --out docs/img to regenerate them)",
+        help="directory for the PNG plots; docs/img holds the shipped figures, which --out "
+        "docs/img regenerates (default: a new temporary directory)",
     )
     parser.add_argument(
         "--quick",
