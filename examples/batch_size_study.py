@@ -51,6 +51,7 @@ from common import (
     positive_int,
     precise_accuracy,
     save_figure,
+    seeds_caption,
     sgd,
 )
 from lenet_digits import build_lenet
@@ -230,10 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     for g, ghost in enumerate(ghosts):
         print(f"| {ghost} | " + " | ".join(cell(acc[:, g, j]) for j in range(len(METHODS))) + " |")
     print()
-    seeds = ", ".join(map(str, args.seeds))
     title = (
         f"{MODEL_NAMES[args.model]} on digits: inference statistics against k\n(SGD batch "
-        f"{args.batch_size}, {args.epochs} epochs, seeds {seeds}; band: min-max)"
+        f"{args.batch_size}, {args.epochs} epochs, {seeds_caption(args.seeds, 'band')})"
     )
     print(f"wrote {plot(ghosts, acc, args.out, title)}")
     print(f"total time {time.perf_counter() - start:.1f}s")

@@ -253,6 +253,14 @@ def classifier_parser(description: str, defaults: Defaults) -> argparse.Argument
     return p
 
 
+def seeds_caption(seeds: Sequence[int], spread: str) -> str:
+    """'seed 0', or 'seeds 0, 1, 2; band: min-max over the seeds' for `spread` 'band': a
+    figure names its spread only when several seeds give it one."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"seeds {', '.join(map(str, seeds))}; {spread}: min-max over the seeds"
+
+
 def limit_threads(threads: int) -> None:
     """Cap the BLAS thread pools (threadpoolctl comes with scikit-learn)."""
     from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
