@@ -282,11 +282,11 @@ def test_loading_with_the_wrong_class_names_the_right_loader(
 @pytest.fixture
 def fresh_momentum_warnings() -> Any:
     """The momentum warning comes once per value per process: forget the values seen so far."""
-    from batchnorm import layer
+    from batchnorm import _alerts
 
-    layer._warned_momenta.clear()
+    _alerts._warned_momenta.clear()
     yield
-    layer._warned_momenta.clear()
+    _alerts._warned_momenta.clear()
 
 
 @pytest.mark.usefixtures("fresh_momentum_warnings")

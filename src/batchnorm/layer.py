@@ -7,55 +7,19 @@ state and decides which kernel to call.
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _ghost, _saved, _validate
+from batchnorm import _alerts, _exchange, _ghost, _saved, _validate
 from batchnorm._ghost import Part
 from batchnorm._saved import LoadResult
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 
 __all__ = ["BatchNorm", "LoadResult"]
-
-#: The momentum values below 0.5 already warned about: the warning comes once per value.
-_warned_momenta: set[float] = set()
-
-
-def _pytorch_momentum(momentum: float | None) -> None:
-    """Warn, once per value, about a momentum < 0.5: most likely PyTorch's convention."""
-    if momentum is None or momentum >= 0.5 or momentum in _warned_momenta:
-        return
-    _warned_momenta.add(momentum)
-    _warn(_validate.pytorch_momentum(momentum), UserWarning)
-
-
-def _float16_overflow(x: ArrayLike, y: NDArray[np.floating[Any]], layer: BatchNorm) -> None:
-    """Warn when a float16 output overflowed to inf where x was finite (computed in float32,
-    y can exceed float16's range, 65504, with a large gamma or beta)."""
-    if y.dtype != np.float16 or np.isfinite(y).all():
-        return
-    bad = ~np.isfinite(y) & np.isfinite(np.asarray(x))
-    per_channel = np.moveaxis(bad, layer.axis, 0).reshape(layer.num_features, -1).any(axis=1)
-    if per_channel.any():
-        _warn(_validate.float16_overflow(np.flatnonzero(per_channel), layer.gamma, layer.beta),
-              RuntimeWarning)  # fmt: skip
-
-
-def _warn(message: str, category: type[Warning]) -> None:
-    """Warn at the caller's line, however many of this package's frames (a subclass's
-    __init__, BatchNorm.load, forward) lie between."""
-    package, level = os.path.dirname(__file__) + os.sep, 1
-    frame: FrameType | None = sys._getframe()
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 class BatchNorm:
@@ -168,7 +132,7 @@ class BatchNorm:
         self.num_features = _validate.num_features(num_features)
         self.eps = _validate.eps_value(eps)
         self.momentum = _validate.momentum_value(momentum)
-        _pytorch_momentum(self.momentum)
+        _alerts.pytorch_momentum(self.momentum)
         self.affine = _validate.flag(affine, "affine")
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")
@@ -219,7 +183,7 @@ class BatchNorm:
                                     self.running_var, eps=self.eps, axis=self.axis)  # fmt: skip
         else:  # eval mode, track_running_stats=False: this rank's batch statistics
             y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
-        _float16_overflow(x, y, self)
+        _alerts.float16_overflow(x, y, self.axis, self.gamma, self.beta)
         self._cache, self._parts, self._cache_group = cache, (), None
         return y
 
@@ -250,7 +214,8 @@ class BatchNorm:
             outputs.append(y)
             parts.append(part)
         y = outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
-        _float16_overflow(x, y, self)  # before any write: it raises under -W error
+        # Before any write: under -W error the warning raises, and then nothing changed.
+        _alerts.float16_overflow(x, y, self.axis, self.gamma, self.beta)
         for part in parts:
             for observe in self._observers:
                 observe(part.cache)
