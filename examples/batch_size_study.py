@@ -39,6 +39,7 @@ import numpy as np
 from common import (
     THREADS_HELP,
     Digits,
+    HelpFormatter,
     accuracy,
     batch_indices,
     batch_size_int,
@@ -50,6 +51,7 @@ from common import (
     positive_int,
     precise_accuracy,
     save_figure,
+    seeds_caption,
     sgd,
 )
 from lenet_digits import build_lenet
@@ -172,10 +174,10 @@ def plot(ghosts: list[int], acc: NDArray[np.float64], out: Path, title: str) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp")
-    parser.add_argument("--batch-size", type=batch_size_int, default=128, help="SGD batch")
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
+    parser.add_argument("--batch-size", type=batch_size_int, default=128, help="SGD batch size")
     parser.add_argument(
         "--ghost-sizes",
         type=batch_size_int,
@@ -183,11 +185,16 @@ def main(argv: list[str] | None = None) -> None:
         default=[2, 4, 8, 16, 32, 64, 128],
         help="normalization batch sizes k (at most --batch-size)",
     )
-    parser.add_argument("--epochs", type=positive_int, default=30)
+    parser.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument(
-        "--out", type=Path, default=None, help="PNG directory (default: a new temporary dir)"
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="random seeds"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the PNG figure (default: a new temporary directory)",
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, k in 2 8 32 128, 4 epochs")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
@@ -224,10 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     for g, ghost in enumerate(ghosts):
         print(f"| {ghost} | " + " | ".join(cell(acc[:, g, j]) for j in range(len(METHODS))) + " |")
     print()
-    seeds = ", ".join(map(str, args.seeds))
     title = (
         f"{MODEL_NAMES[args.model]} on digits: inference statistics against k\n(SGD batch "
-        f"{args.batch_size}, {args.epochs} epochs, seeds {seeds}; band: min-max)"
+        f"{args.batch_size}, {args.epochs} epochs, {seeds_caption(args.seeds, 'band')})"
     )
     print(f"wrote {plot(ghosts, acc, args.out, title)}")
     print(f"total time {time.perf_counter() - start:.1f}s")

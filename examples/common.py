@@ -192,9 +192,20 @@ batch_size_int = int_at_least(2)
 
 
 THREADS_HELP = (
-    "BLAS threads for NumPy, %(default)s: the matrices here are small, and more threads "
-    "mostly wait for each other"
+    "BLAS threads for NumPy: the matrices here are small, and more threads mostly wait for "
+    "each other"
 )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The --help format of every example: each option's help, then its default once, as
+    "(default: X)". None and False (an unset option, an off switch) are not shown: an option
+    whose unset value means something says so in its help, in the same format."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 @dataclass(frozen=True)
@@ -209,18 +220,18 @@ class Defaults:
 
 def classifier_parser(description: str, defaults: Defaults) -> argparse.ArgumentParser:
     """The flags shared by mlp_digits.py and lenet_digits.py."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="%(default)s")
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="training epochs")
     p.add_argument(
-        "--batch-size", type=batch_size_int, default=defaults.batch_size, help="%(default)s"
+        "--batch-size", type=batch_size_int, default=defaults.batch_size, help="SGD batch size"
     )
-    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate, %(default)s")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate")
     p.add_argument(
         "--momentum",
         type=float,
         default=0.9,
         help="BatchNorm momentum, the weight of the OLD running value: running = momentum * "
-        "running + (1 - momentum) * batch (PyTorch's 0.1 is 0.9 here), %(default)s",
+        "running + (1 - momentum) * batch (PyTorch's 0.1 is 0.9 here)",
     )
     p.add_argument(
         "--use-precise-stats",
@@ -232,14 +243,22 @@ def classifier_parser(description: str, defaults: Defaults) -> argparse.Argument
         "--num-batches-precise",
         type=positive_int,
         default=200,
-        help="batches for PreciseBN, at most one pass over the training set, %(default)s",
+        help="batches for PreciseBN, at most one pass over the training set",
     )
-    p.add_argument("--seed", type=int, default=0, help="split, initialization, shuffles")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and shuffles")
     p.add_argument(
         "--quick", action="store_true", help=f"{defaults.quick_epochs} epochs, a few seconds"
     )
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     return p
+
+
+def seeds_caption(seeds: Sequence[int], spread: str) -> str:
+    """'seed 0', or 'seeds 0, 1, 2; band: min-max over the seeds' for `spread` 'band': a
+    figure names its spread only when several seeds give it one."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"seeds {', '.join(map(str, seeds))}; {spread}: min-max over the seeds"
 
 
 def limit_threads(threads: int) -> None:

@@ -34,7 +34,15 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
-from common import Digits, accuracy, batch_indices, limit_threads, load_digits, sgd
+from common import (
+    Digits,
+    HelpFormatter,
+    accuracy,
+    batch_indices,
+    limit_threads,
+    load_digits,
+    sgd,
+)
 from mlp_digits import build_mlp
 from nn import Sequential, softmax_cross_entropy
 
@@ -142,15 +150,15 @@ def run(args: argparse.Namespace, group: Group) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=10, help="%(default)s")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, %(default)s")
-    p.add_argument("--lr", type=float, default=0.05, help="%(default)s")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
     p.add_argument(
         "--momentum",
         type=float,
         default=0.9,
-        help="BatchNorm momentum, weight of the OLD running value, %(default)s",
+        help="BatchNorm momentum, the weight of the OLD running value",
     )
     p.add_argument("--no-sync", action="store_true", help="per-rank BatchNorm instead of SyncBN")
     p.add_argument(
@@ -162,9 +170,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--thread-ranks",
         type=int,
         default=0,
-        help="run this many ranks as threads of one process instead of MPI",
+        help="run this many ranks as threads of one process (0: the MPI ranks)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and shuffles")
     p.add_argument("--quick", action="store_true", help="2 epochs")
     args = p.parse_args(argv)
     if args.quick:

@@ -43,13 +43,16 @@ import numpy as np
 from common import (
     THREADS_HELP,
     Digits,
+    HelpFormatter,
     accuracy,
+    batch_size_int,
     figure_dir,
     input_batches,
     load_digits,
     positive_int,
     precise_accuracy,
     save_figure,
+    seeds_caption,
     sgd,
     train_epoch,
 )
@@ -102,27 +105,46 @@ def evaluate(
     return results
 
 
+def method_labels(n_train: int, samples: int) -> dict[str, str]:
+    """What each method's bars show, in words (the legend of the figure)."""
+    return {
+        "EMA": "EMA (running statistics of training)",
+        "PreciseBN": f"PreciseBN (all {n_train} source images)",
+        "AdaBN": f"AdaBN (all {n_train} target images)",
+        f"AdaBN {samples}": f"AdaBN {samples} (only the first {samples} target images)",
+    }
+
+
 def plot(
-    table: dict[tuple[str, str], list[float]], methods: list[str], out: Path, caption: str
+    table: dict[tuple[str, str], list[float]],
+    methods: list[str],
+    out: Path,
+    caption: str,
+    labels: dict[str, str],
 ) -> Path:
     import matplotlib.pyplot as plt
 
     domains = list(DOMAINS)
-    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         values = np.array([table[d, method] for d in domains])  # (domains, seeds)
         xs = np.arange(len(domains)) + (j - (len(methods) - 1) / 2) * width
         mean = values.mean(axis=1)
-        err = np.stack([mean - values.min(axis=1), values.max(axis=1) - mean])
-        ax.bar(xs, mean, width, yerr=err, capsize=2, label=method, color=f"C{j}")
+        err = None
+        if values.shape[1] > 1:  # one seed has no spread to draw
+            err = np.stack([mean - values.min(axis=1), values.max(axis=1) - mean])
+        ax.bar(xs, mean, width, yerr=err, capsize=2, label=labels[method], color=f"C{j}")
     ax.set_xticks(np.arange(len(domains)), domains)
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.0, 1.13)  # room for the legend above the bars
+    ax.set_ylim(0.0, 1.25)  # room for the legend above the bars
     ax.set_yticks(np.linspace(0.0, 1.0, 6))
-    ax.axhline(0.1, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance: 1 in 10 classes")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", ncols=len(methods))
+    handles, texts = ax.get_legend_handles_labels()  # the chance line last, after the bars
+    order = [*range(1, len(handles)), 0]
+    ax.legend([handles[i] for i in order], [texts[i] for i in order], fontsize=7.5,
+              loc="upper center", ncols=2)  # fmt: skip
     ax.set_title(f"BatchNorm statistics under domain shift ({caption})", fontsize=10)
     fig.tight_layout()
     path = out / "domain_shift.png"
@@ -132,18 +154,26 @@ def plot(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp")
-    parser.add_argument("--epochs", type=positive_int, default=20)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    parser.add_argument(
+        "--batch-size", type=batch_size_int, default=32, help="SGD and PreciseBN batch size"
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds")
     parser.add_argument(
-        "--adabn-samples", type=positive_int, default=64, help="target images for small AdaBN"
+        "--adabn-samples",
+        type=positive_int,
+        default=64,
+        help="target images for the small AdaBN (the first of the shuffled target training set)",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="PNG directory (default: a new temporary dir)"
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the PNG figure (default: a new temporary directory)",
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
@@ -182,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     for domain in DOMAINS:
         print(f"| {domain} | " + " | ".join(cell(table[domain, m]) for m in methods) + " |")
     print()
-    seeds = ", ".join(map(str, args.seeds))
-    caption = f"{args.model}, {args.epochs} epochs, seed{'s' if len(args.seeds) > 1 else ''} "
-    path = plot(table, methods, args.out, caption + seeds + "; bars: min-max")
+    caption = f"{args.model}, {args.epochs} epochs, {seeds_caption(args.seeds, 'bars')}"
+    labels = method_labels(len(data.x_train), args.adabn_samples)
+    path = plot(table, methods, args.out, caption, labels)
     print(f"wrote {path}")
     print(f"total time {time.perf_counter() - start:.1f}s")
     for domain in DOMAINS:

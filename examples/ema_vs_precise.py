@@ -52,6 +52,7 @@ import numpy as np
 from common import (
     THREADS_HELP,
     Digits,
+    HelpFormatter,
     State,
     accuracy,
     batch_size_int,
@@ -124,6 +125,27 @@ class Grid:
 
 def parse_samples(text: str) -> int:
     return ALL if text == "all" else positive_int(text)
+
+
+def stat_error_definition(n_train: int) -> str:
+    """The statistics error in words, as the figures that plot it state it."""
+    return (
+        "Statistics error: the mean over every channel of every BatchNorm layer of "
+        "sqrt((mu - mu_ref)^2 + (sigma - sigma_ref)^2) / sigma_ref, with sigma = "
+        "sqrt(running_var + eps): the 2-Wasserstein distance between the normal distributions "
+        "the two sets of statistics describe, in units of the reference's standard deviation. "
+        f"The reference is PreciseBN sequential on all {n_train} samples; its error, 0, has no "
+        "place on the log axis, so it is not drawn."
+    )
+
+
+def _footnote(fig: Figure, text: str, cols: int) -> None:
+    """A note under the panels, wrapped to the figure's width; the panels are laid out above
+    it."""
+    lines = textwrap.wrap(text, width=int(15 * 3.1 * cols))
+    fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7.5, color="0.25")
+    height = (len(lines) * 7.5 * 1.25 + 8) / (fig.get_figheight() * 72)  # in points
+    fig.tight_layout(rect=(0, height, 1, 1))
 
 
 def stat_error(state: State, reference: State, eps: float = 1e-5) -> float:
@@ -379,7 +401,7 @@ def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str, lr: str) -> 
         detail = (
             "y ranges per panel, fitted to PreciseBN; curves clipped below are noted"
             if name == "accuracy"
-            else f"log axis; the reference, PreciseBN sequential on all {n_train}, is 0: not drawn"
+            else "log axis; defined below"
         )
         fig, axes = _panels(
             grid,
@@ -413,10 +435,11 @@ def plot_per_epoch(grid: Grid, n_train: int, out: Path, model: str, lr: str) -> 
                     f"batch {grid.batch_sizes[b]}, momentum {grid.momenta[m]}",
                     [clipped_note("EMA", epochs, means[:, ema], bottom)],
                 )
+        axes[0, 0].legend(fontsize=7, loc="lower right" if name == "accuracy" else "upper right")
         if name == "stat_error":
             axes[0, 0].set_yscale("log")
-        axes[0, 0].legend(fontsize=7, loc="lower right" if name == "accuracy" else "upper right")
-        paths.append(_save(fig, out / f"ema_vs_precise_{name}.png"))
+            _footnote(fig, stat_error_definition(n_train), len(grid.batch_sizes))
+        paths.append(_save(fig, out / f"ema_vs_precise_{name}.png", layout=name != "stat_error"))
     return paths
 
 
@@ -484,20 +507,7 @@ def plot_samples(grid: Grid, n_train: int, out: Path, model: str, lr: str) -> Pa
         f"epoch {grid.epochs}, {_seeds_caption(grid, '')}, {lr}",
         fontsize=10,
     )
-    fig.text(
-        0.5,
-        0.005,
-        textwrap.fill(
-            f"The statistics error is measured against PreciseBN sequential on all {n_train} "
-            "samples: that point is 0 and has no place on the log axis, so it is not drawn.",
-            width=int(15 * 3.1 * cols),
-        ),
-        ha="center",
-        va="bottom",
-        fontsize=7.5,
-        color="0.25",
-    )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _footnote(fig, stat_error_definition(n_train), cols)
     return _save(fig, out / "ema_vs_precise_samples.png", layout=False)
 
 
@@ -505,20 +515,11 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default, except None and False (an unset option or an off switch)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Regenerate the figures of docs/results.md with --out docs/img.",
-        formatter_class=_DefaultsFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp", help="the network")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
@@ -555,8 +556,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out",
         type=Path,
         default=None,
-        help="directory for the PNG plots; default: a new temporary directory (docs/img holds "
-        "the shipped figures: pass --out docs/img to regenerate them)",
+        help="directory for the PNG plots; docs/img holds the shipped figures, which --out "
+        "docs/img regenerates (default: a new temporary directory)",
     )
     parser.add_argument(
         "--quick",

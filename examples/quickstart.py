@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="accepted for the test suite; the run is already fast"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random data (default: 0)")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)

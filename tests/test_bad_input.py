@@ -54,7 +54,12 @@ from batchnorm.fold import fold_batchnorm
 from batchnorm.functional import moments
 from batchnorm.gradcheck import check_gradients
 
-pytestmark = pytest.mark.filterwarnings("error")
+# Every warning is an error, except the one a small momentum gets by design (momentum=0 is
+# valid input here; tests/test_first_steps.py checks the warning).
+pytestmark = [
+    pytest.mark.filterwarnings("error"),
+    pytest.mark.filterwarnings("ignore:momentum=.* weights the OLD running value:UserWarning"),
+]
 
 C = 3
 SHAPE = (6, C, 2)  # (N, C, L): 12 values per channel
@@ -373,7 +378,9 @@ def positive_int_outcome(name: str) -> Callable[[str], Outcome]:
             return OK
         if kind == "huge_int":
             return Raises(ValueError, "num_features=.* is more channels than a NumPy array can")
-        return Raises(ValueError, f"{name} must be a positive int")
+        # A value of the wrong type is a TypeError, an int out of range a ValueError.
+        error = ValueError if kind in ("negative", "zero") else TypeError
+        return Raises(error, f"{name} must be a positive int")
 
     return outcome
 

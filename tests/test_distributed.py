@@ -122,9 +122,13 @@ def test_abort_releases_a_waiting_rank() -> None:
     assert not thread.is_alive() and len(caught) == 1
 
 
-@pytest.mark.parametrize("size", [0, -1, 1.5, True])
-def test_thread_groups_size_must_be_positive(size: Any) -> None:
-    with pytest.raises(ValueError, match="positive int"):
+@pytest.mark.parametrize(
+    ("size", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (2.0, TypeError), (True, TypeError),
+     ("2", TypeError)],
+)  # fmt: skip
+def test_thread_groups_size_must_be_a_positive_int(size: Any, error: type) -> None:
+    with pytest.raises(error, match="positive int"):
         dist.thread_groups(size)
 
 

@@ -80,7 +80,7 @@ def chromium() -> str:
     pytest.skip("Chromium is not installed (apt-get install chromium)")
 
 
-def rendered_dom(browser: str, page: Path, profile: Path) -> str:
+def rendered_dom(browser: str, page: Path, profile: Path, *options: str) -> str:
     """The DOM of a local page after its scripts ran, with every network feature off."""
     done = subprocess.run(
         [
@@ -94,6 +94,7 @@ def rendered_dom(browser: str, page: Path, profile: Path) -> str:
             "--no-first-run",
             f"--user-data-dir={profile}",
             "--virtual-time-budget=10000",
+            *options,
             "--dump-dom",
             page.as_uri(),
         ],
@@ -137,3 +138,74 @@ def test_math_renders_offline_in_a_browser(site: Path, chromium: str, tmp_path: 
     text = visible_text(dom)
     leftover = RAW_DELIMITER.search(text)
     assert leftover is None, text[max(0, leftover.start() - 80) : leftover.end() + 80]
+
+
+# --- the API pages and the other pages read as a site --------------------------------------------
+
+REST_ROLE = re.compile(r":(?:py:)?(?:func|meth|class|mod|attr|data|obj|exc|const|ref):`?")
+PAGES = ("index", "math", "conventions", "precise_bn", "distributed", "variants", "results",
+         "performance", "api")  # fmt: skip
+
+
+def _page(site: Path, name: str) -> str:
+    path = site / "index.html" if name == "index" else site / name / "index.html"
+    return path.read_text(encoding="utf-8")
+
+
+def test_docstrings_render_without_rest_markup(site: Path) -> None:
+    html = _page(site, "api")
+    text = visible_text(html)
+    role = REST_ROLE.search(text)
+    assert role is None, text[max(0, role.start() - 80) : role.end() + 80]
+    marker = re.search(r"::[ \t]*$", text, re.MULTILINE)  # a literal-block marker left raw
+    assert marker is None, text[max(0, marker.start() - 80) : marker.end() + 20]
+    # The roles became links to the objects' entries, and the literal blocks code blocks.
+    internal = r'<a class="autorefs autorefs-internal"[^>]*href="#(batchnorm\.[\w.]+)"'
+    links = re.findall(internal, html)
+    assert len(links) > 40 and "batchnorm.functional.forward_train" in links
+    assert "batchnorm.precise.precise_bn" in links  # batchnorm.precise_bn, through its alias
+    assert html.count("<pre>") > 30
+    assert "<p>With m values per channel:</p>" in html
+    for name in PAGES:
+        assert REST_ROLE.search(visible_text(_page(site, name))) is None, name
+
+
+def test_links_between_pages_say_page_titles(site: Path) -> None:
+    for name in PAGES:
+        for href, title in re.findall(r'<a href="([^"#:]*)"[^>]*>(.*?)</a>', _page(site, name)):
+            text = visible_text(title).strip()
+            assert not re.search(r"\w\.md\b", text), f"{name}: link {href!r} says {text!r}"
+
+
+def test_the_home_page_has_the_install_step(site: Path) -> None:
+    text = visible_text(_page(site, "index"))
+    assert "Install" in text and "pip install -e ." in text and "python -m venv" in text
+
+
+OVERFLOW_PROBE = """
+<script>
+window.addEventListener("load", () => {
+  const wide = [...document.querySelectorAll("pre > code, pre")]
+    .filter((el) => el.scrollWidth > el.clientWidth + 1)
+    .map((el) => el.textContent.slice(0, 60));
+  document.body.setAttribute("data-overflow", JSON.stringify(wide));
+  document.body.setAttribute("data-width", String(window.innerWidth));
+});
+</script>
+"""
+
+
+def test_code_blocks_do_not_scroll_sideways_at_1280_px(
+    site: Path, chromium: str, tmp_path: Path
+) -> None:
+    for name in PAGES:
+        page = site / "index.html" if name == "index" else site / name / "index.html"
+        probe = page.with_name("overflow-probe.html")  # beside the page: its assets resolve
+        probe.write_text(page.read_text(encoding="utf-8").replace("</body>",
+                         OVERFLOW_PROBE + "</body>"), encoding="utf-8")  # fmt: skip
+        dom = rendered_dom(chromium, probe, tmp_path / "profile", "--window-size=1280,900")
+        width = re.search(r'data-width="(\d+)"', dom)
+        overflow = re.search(r'data-overflow="([^"]*)"', dom)
+        assert width is not None and overflow is not None, name
+        assert int(width[1]) == 1280
+        assert overflow[1] == "[]", f"{name}: {overflow[1]}"

@@ -170,8 +170,23 @@ def test_batch_size_study_runs_and_plots(tmp_path: Path) -> None:
     _png_ok(tmp_path / "batch_size_study.png")
 
 
-@pytest.mark.parametrize("script", ["domain_shift.py", "batch_size_study.py"])
-def test_new_studies_show_their_defaults_in_help(script: str) -> None:
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in ("common.py", "nn.py"))
+
+
+def _help_options(text: str) -> dict[str, tuple[bool, str]]:
+    """{option: (takes a value, its help text on one line)} of an argparse --help."""
+    section = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    options = {}
+    for block in re.split(r"\n(?=  -)", section):
+        first, *rest = block.splitlines()
+        invocation, _, help_text = first.strip().partition("  ")
+        flags = invocation.split(", ")[-1].split()
+        options[flags[0]] = (len(flags) > 1, " ".join([help_text, *rest]).split())
+    return {k: (v, " ".join(words)) for k, (v, words) in options.items()}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_explains_every_option_and_states_each_default_once(script: str) -> None:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--help"],
         capture_output=True,
@@ -179,4 +194,44 @@ def test_new_studies_show_their_defaults_in_help(script: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "(default:" in done.stdout and "--out" in done.stdout and "--quick" in done.stdout
+    options = _help_options(done.stdout)
+    assert "--quick" in options and len(options) >= 3, done.stdout
+    for option, (takes_value, text) in options.items():
+        assert text, f"{script} {option}: no help text"
+        # One format: the default of an option with a value, once, as "(default: X)"; a switch
+        # (off unless given) states none.
+        assert text.count("(default: ") == int(takes_value), f"{script} {option}: {text}"
+        assert text.lower().count("default") == int(takes_value), f"{script} {option}: {text}"
+
+
+def test_the_scripts_list_is_every_example() -> None:
+    assert len(SCRIPTS) == 7 and "quickstart.py" in SCRIPTS and "domain_shift.py" in SCRIPTS
+
+
+def test_seed_captions_name_a_spread_only_for_several_seeds(common: Any) -> None:
+    assert common.seeds_caption([3], "band") == "seed 3"
+    assert common.seeds_caption([0, 1, 2], "bars") == "seeds 0, 1, 2; bars: min-max over the seeds"
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_domain_shift_figure_labels_its_lines_and_bars(
+    common: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, seeds: int
+) -> None:
+    pytest.importorskip("matplotlib")
+    study = importlib.import_module("domain_shift")
+    figures: list[Any] = []
+    monkeypatch.setattr(study, "save_figure", lambda fig, path: figures.append(fig) or path)
+    methods = ["EMA", "PreciseBN", "AdaBN", "AdaBN 64"]
+    rng = np.random.default_rng(0)
+    table = {(d, m): list(rng.uniform(0.5, 1.0, seeds)) for d in study.DOMAINS for m in methods}
+    caption = "mlp, 3 epochs, " + common.seeds_caption(list(range(seeds)), "bars")
+    study.plot(table, methods, tmp_path, caption, study.method_labels(1437, 64))
+    (ax,) = figures[0].axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[-1] == "chance: 1 in 10 classes"  # the dotted line at 0.1 says what it is
+    assert "AdaBN 64 (only the first 64 target images)" in legend
+    assert "AdaBN (all 1437 target images)" in legend and len(legend) == 5
+    has_bars = any(getattr(c, "errorbar", None) is not None for c in ax.containers)
+    assert has_bars == (seeds > 1)
+    assert ("min-max" in ax.get_title()) == (seeds > 1)
+    figures[0].clf()

@@ -145,8 +145,16 @@ def test_plots_say_what_they_clip_and_leave_out(
         bottom, top = ax.get_ylim()
         assert bottom < 0.95 < top
 
-    assert "is 0: not drawn" in figures["ema_vs_precise_stat_error"]._suptitle.get_text()
+    # Both figures of the statistics error define it on the figure, and say what is not drawn.
+    for name in ("stat_error", "samples"):
+        fig = figures[f"ema_vs_precise_{name}"]
+        footnotes = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+        assert "sqrt((mu - mu_ref)^2 + (sigma - sigma_ref)^2) / sigma_ref" in footnotes, name
+        assert "2-Wasserstein distance" in footnotes and "every BatchNorm layer" in footnotes
+        assert "no place on the log axis" in footnotes
+    # One seed: no spread is drawn, and no caption mentions one.
+    for fig in figures.values():
+        text = fig._suptitle.get_text() + " ".join(ax.get_title() for ax in fig.axes)
+        assert "seed 0" in text and "min-max" not in text and "band" not in text
     samples = figures["ema_vs_precise_samples"]
-    footnotes = " ".join(" ".join(t.get_text().split()) for t in samples.texts)
-    assert "no place on the log axis" in footnotes
     assert "EMA 0.99 clipped: 0.600" in samples.axes[1].get_title()

@@ -303,6 +303,7 @@ def test_save_load_round_trip(tmp_path: Path, options: dict[str, Any]) -> None:
     assert snapshot(loaded, gradients=False) == snapshot(layer, gradients=False)
 
 
+@pytest.mark.filterwarnings("ignore:momentum=0.0 weights the OLD")
 def test_save_and_load_of_extreme_hyperparameters(tmp_path: Path) -> None:
     layer = bn.BatchNorm(1, eps=1e-300, momentum=0.0, axis=3)
     loaded = bn.BatchNorm.load(layer.save(tmp_path / "odd.npz"))

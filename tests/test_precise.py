@@ -448,9 +448,12 @@ def test_population_stats_accepts_numpy_integer_counts():
     assert stats.count == 4 and isinstance(stats.count, int)
 
 
-@pytest.mark.parametrize("c", [0, -2, 2.0, True, None])
-def test_population_stats_refuses_a_bad_width(c):
-    with pytest.raises(ValueError, match="num_features must be a positive int"):
+@pytest.mark.parametrize(
+    ("c", "error"), [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError),
+                     (None, TypeError)]
+)  # fmt: skip
+def test_population_stats_refuses_a_bad_width(c, error):
+    with pytest.raises(error, match="num_features must be a positive int"):
         bn.PopulationStats(c)
 
 
@@ -798,11 +801,15 @@ def test_layers_must_be_an_iterable_of_batchnorm(layers, error, match):
         bn.precise_bn(lambda x: x, mlp_batches(), 4, layers=layers)
 
 
-@pytest.mark.parametrize("n", [0, -3, 2.5, True, "10", None])
-def test_num_batches_precise_must_be_a_positive_int(n):
+@pytest.mark.parametrize(
+    ("n", "error"),
+    [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError),
+     ("x", TypeError), (None, TypeError)],
+)  # fmt: skip
+def test_num_batches_precise_must_be_a_positive_int(n, error):
     model = mlp()
     before = [_state(x) for x in model.norms]
-    with pytest.raises(ValueError, match="num_batches_precise must be a positive int"):
+    with pytest.raises(error, match="num_batches_precise must be a positive int"):
         bn.precise_bn(model, mlp_batches(), n)
     for layer, state in zip(model.norms, before, strict=True):
         _assert_restored(layer, state)
@@ -921,7 +928,7 @@ def test_a_batch_of_one_sample_is_refused_as_in_training_and_restores_everything
     model, batches = mlp(), mlp_batches((5, 4, 1, 6))
     model.norms[0].eval()
     before = [_state(layer) for layer in model.norms]
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
+    with pytest.raises(ValueError, match=r"batch 2 .* 1 value per channel"):
         bn.precise_bn(model, batches, 4)
     for layer, state in zip(model.norms, before, strict=True):
         _assert_restored(layer, state)
@@ -1148,3 +1155,39 @@ def test_sequential_mode_with_a_single_layer_equals_train_mode():
     bn.precise_bn(b, batches, 4, mode="sequential")
     np.testing.assert_array_equal(a.running_mean, b.running_mean)
     np.testing.assert_array_equal(a.running_var, b.running_var)
+
+
+def test_a_function_as_model_is_not_searched_and_the_error_says_so():
+    model = mlp()
+
+    def forward(x: Array) -> Array:
+        return model(x)
+
+    for function, shown in [(forward, "function"), (model.__call__, "method")]:
+        with pytest.raises(ValueError, match=f"model is the {shown} ") as info:
+            bn.precise_bn(function, mlp_batches(), 4)
+        assert "functions and methods are not searched" in str(info.value)
+        assert "layers=[" in str(info.value)
+    summary = bn.precise_bn(forward, mlp_batches(), 4, layers=model.norms)  # the remedy works
+    assert [s.layer for s in summary] == model.norms
+
+
+@pytest.mark.parametrize("mode", ["train", "sequential"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_one_sample_batch_is_named_with_its_index(mode, grouped):
+    model = mlp()
+    before = [_state(x) for x in model.norms]
+    batches = mlp_batches(sizes=(7, 3, 1, 5))
+    group = bn.distributed.thread_groups(1)[0] if grouped else None
+    with pytest.raises(ValueError, match=r"^precise_bn: batch 2 \(counting from 0\)") as info:
+        bn.precise_bn(model, batches, 4, mode=mode, group=group)
+    message = str(info.value)
+    assert "shape (1, 4)" in message
+    assert "drop it from `batches`" in message
+    assert "lower num_batches_precise to 2" in message
+    assert "eval mode" not in message  # the training-mode advice does not apply here
+    assert "Expected more than 1 value per channel" in str(info.value.__cause__)
+    for layer, state in zip(model.norms, before, strict=True):
+        _assert_restored(layer, state)
+    with pytest.raises(ValueError, match=r"batch 0 .*drop_last=True\)\.$"):
+        bn.precise_bn(model, mlp_batches(sizes=(1, 5)), 2)

@@ -294,3 +294,79 @@ def test_output_keeps_the_input_dtype(dtype: type) -> None:
     tolerance = {np.float16: 1e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
     assert normwise_error(y, expected) < tolerance
     assert layer.backward(np.ones_like(y)).dtype == dtype
+
+
+# --- the defaults' first steps, and the warm-up --------------------------------------------------
+
+
+def test_default_limits_correct_the_first_batch_towards_the_initial_statistics() -> None:
+    # What docs/variants.md states: on N(5, 3) data, the first step with rmax=3, dmax=5 against
+    # running statistics 0 and 1 gives an output of mean ~5 and std ~3.
+    x = np.random.default_rng(30).normal(5.0, 3.0, size=(64, 4))
+    y = bn.BatchRenorm(4)(x)
+    assert 4.5 < y.mean() < 5.0 and 2.7 < y.std() < 3.0
+    y = bn.BatchRenorm(4, warmup_steps=10)(x)
+    assert abs(y.mean()) < 1e-12 and abs(y.std() - 1.0) < 1e-4
+
+
+def test_the_warmup_is_batchnorm_then_relaxes_as_the_paper() -> None:
+    rng = np.random.default_rng(31)
+    w = 3
+    layer, plain = bn.BatchRenorm(2, warmup_steps=w), bn.BatchNorm(2)
+    for _ in range(w):  # r = 1, d = 0: BatchNorm exactly
+        assert layer.current_limits == (1.0, 0.0)
+        x = rng.normal(5.0, 3.0, size=(16, 2))
+        assert normwise_error(layer(x), plain(x)) < 1e-12
+        assert np.array_equal(layer.r, np.ones(2)) and np.array_equal(layer.d, np.zeros(2))
+    expected = {
+        w: (1.0, 0.0),  # relaxation starts
+        2 * w: (1 + 2 / 7, 5 / 4),
+        5 * w: (1 + 2 * 4 / 7, 5.0),  # dmax reached after 5W (the paper's 25k of 5k)
+        8 * w: (3.0, 5.0),  # rmax reached after 8W (the paper's 40k)
+        100 * w: (3.0, 5.0),
+    }
+    for step, (rmax, dmax) in expected.items():
+        layer.num_batches_tracked = step
+        assert layer.current_limits == pytest.approx((rmax, dmax), rel=1e-15)
+    layer.num_batches_tracked = 2 * w
+    x = rng.normal(5.0, 3.0, size=(16, 2))
+    sigma = np.sqrt(layer.running_var + EPS)
+    mu = layer.running_mean.copy()
+    r_limit, d_limit = layer.current_limits
+    layer(x)  # r and d are clipped to this step's limits
+    r = np.clip(np.sqrt(x.var(axis=0) + EPS) / sigma, 1 / r_limit, r_limit)
+    d = np.clip((x.mean(axis=0) - mu) / sigma, -d_limit, d_limit)
+    np.testing.assert_allclose(layer.r, r, rtol=1e-12)
+    np.testing.assert_allclose(layer.d, d, rtol=1e-12)
+    assert (d_limit < np.abs((x.mean(axis=0) - mu) / sigma)).any()  # the limit did clip
+
+
+def test_infinite_limits_are_reached_when_the_relaxation_starts() -> None:
+    layer = bn.BatchRenorm(2, rmax=math.inf, dmax=math.inf, warmup_steps=4)
+    layer.num_batches_tracked = 4
+    assert layer.current_limits == (1.0, 0.0)
+    layer.num_batches_tracked = 5
+    assert layer.current_limits == (math.inf, math.inf)
+
+
+def test_warmup_steps_is_saved_and_checked(tmp_path: Path) -> None:
+    layer = bn.BatchRenorm(3, warmup_steps=7)
+    loaded = bn.BatchRenorm.load(layer.save(tmp_path / "warm"))
+    assert loaded.warmup_steps == 7 and "warmup_steps=7" in repr(loaded)
+    # A file written before warmup_steps existed loads with no warm-up.
+    with np.load(tmp_path / "warm.npz") as data:
+        old = {k: data[k] for k in data.files if k != "config_warmup_steps"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert bn.BatchRenorm.load(tmp_path / "old.npz").warmup_steps == 0
+    for bad, error in [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("5", TypeError)]:
+        with pytest.raises(error, match="warmup_steps must be an int >= 0"):
+            bn.BatchRenorm(3, warmup_steps=bad)
+
+
+def test_a_group_at_construction_is_a_value_error() -> None:
+    group = bn.distributed.thread_groups(1)[0]
+    with pytest.raises(ValueError, match="BatchRenorm cannot be combined with a group"):
+        bn.BatchRenorm(4, group=group)
+    with pytest.raises(TypeError, match="group must be a group of workers"):
+        bn.BatchRenorm(4, group=object())
+    assert bn.BatchRenorm(4, group=None).group is None

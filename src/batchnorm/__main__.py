@@ -1,4 +1,5 @@
-"""``python -m batchnorm``: the version, the conventions on one screen, and where to start."""
+"""``python -m batchnorm``: the version, the conventions on one screen, where to start, the
+examples, the variants and the documentation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 import batchnorm
+from batchnorm import _guide
 
 CONVENTIONS = """\
 Conventions (docs/conventions.md has the details):
@@ -29,8 +31,6 @@ Start here:
   layer = bn.BatchNorm(C); y = layer(x); layer.eval()
   bn.precise_bn(model, batches, num_batches_precise=200)
   bn.gradcheck.check_kernels(my_forward, my_backward)   # check your own kernels
-Examples: examples/quickstart.py, examples/mlp_digits.py, examples/lenet_digits.py,
-          examples/ema_vs_precise.py (in the source repository)
 """
 
 
@@ -39,9 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m batchnorm",
         description=(
             f"batchnorm {batchnorm.__version__}: the reference Batch Normalization in NumPy.\n"
-            "Without arguments: print the version, the conventions and where to start."
+            "Without arguments: print the version, the conventions, where to start, the "
+            "examples, the variants and the documentation."
         ),
-        epilog=CONVENTIONS + "\n" + START,
+        epilog=CONVENTIONS + "\n" + START + "\n" + _guide.text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -53,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.parse_args(argv)
     print(f"batchnorm {batchnorm.__version__}: the reference Batch Normalization in NumPy\n")
     print(CONVENTIONS)
-    print(START, end="")
+    print(START)
+    print(_guide.text(), end="")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 files of ``BatchNorm.save`` and ``BatchNorm.load``, read without ever unpickling.
 
 Everything is checked before anything is written to a layer, so a refused state or file leaves
-the layer as it was.
+the layer as it was. This module sits below :mod:`batchnorm.layer` and never imports it: it
+knows a layer only by the attributes of :class:`Layer`, and the layer passes in its file format,
+extra entries and constructor.
 """
 
 from __future__ import annotations
@@ -10,20 +12,43 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from batchnorm import _validate
 
-if TYPE_CHECKING:
-    from batchnorm.layer import BatchNorm
 
-_L = TypeVar("_L", bound="BatchNorm")
+class Layer(Protocol):
+    """What this module reads and writes on a BatchNorm layer."""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    unbiased: bool
+    axis: int
+    training: bool
+    ghost_batch_size: int | None
+    frozen: bool
+    gamma: NDArray[np.float64] | None
+    beta: NDArray[np.float64] | None
+    running_mean: NDArray[np.float64] | None
+    running_var: NDArray[np.float64] | None
+    num_batches_tracked: int | None
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+_L = TypeVar("_L", bound=Layer)
 
 #: The configuration entries BatchNorm.save writes, besides "format" and the state.
 CONFIG_KEYS = tuple(
@@ -43,13 +68,13 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _state_keys(layer: BatchNorm) -> tuple[str, ...]:
+def _state_keys(layer: Layer) -> tuple[str, ...]:
     affine = ("weight", "bias") if layer.affine else ()
     tracked = ("running_mean", "running_var", "num_batches_tracked")
     return affine + (tracked if layer.track_running_stats else ())
 
 
-def _targets(layer: BatchNorm) -> dict[str, Any]:
+def _targets(layer: Layer) -> dict[str, Any]:
     return {
         "weight": layer.gamma,
         "bias": layer.beta,
@@ -59,7 +84,7 @@ def _targets(layer: BatchNorm) -> dict[str, Any]:
     }
 
 
-def state_dict(layer: BatchNorm) -> dict[str, NDArray[Any]]:
+def state_dict(layer: Layer) -> dict[str, NDArray[Any]]:
     values = _targets(layer)
     return {
         key: np.array(values[key], dtype=np.int64 if key == "num_batches_tracked" else np.float64)
@@ -67,9 +92,9 @@ def state_dict(layer: BatchNorm) -> dict[str, NDArray[Any]]:
     }
 
 
-def load_state_dict(layer: BatchNorm, state: Mapping[str, Any], strict: bool) -> LoadResult:
+def load_state_dict(layer: Layer, state: Mapping[str, Any], strict: bool) -> LoadResult:
     expected = _state_keys(layer)
-    _validate.state_keys(state, expected, strict)
+    nothing_loaded = _validate.state_keys(state, expected, strict)
     checked: dict[str, Any] = {}
     for key in expected:
         if key not in state:
@@ -78,6 +103,8 @@ def load_state_dict(layer: BatchNorm, state: Mapping[str, Any], strict: bool) ->
             checked[key] = _validate.state_counter(state[key])
         else:
             checked[key] = _validate.state_vector(state[key], key, layer.num_features)
+    if nothing_loaded is not None:  # after the checks: they raise for any bad matching key
+        warnings.warn(nothing_loaded, UserWarning, stacklevel=3)
     # Everything is valid: now load it all (writes that cannot fail).
     targets = _targets(layer)
     for key, value in checked.items():
@@ -91,12 +118,17 @@ def load_state_dict(layer: BatchNorm, state: Mapping[str, Any], strict: bool) ->
     )
 
 
-def save(layer: BatchNorm, path: str | os.PathLike[str]) -> Path:
+def npz_path(path: str | os.PathLike[str]) -> Path:
+    """The file save() writes for `path`: NumPy appends ``.npz`` when the name lacks it."""
     target = Path(path)
-    if target.suffix != ".npz":
-        target = target.with_name(target.name + ".npz")
+    return target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
+
+
+def save(layer: Layer, path: str | os.PathLike[str], fmt: str, extra: Mapping[str, Any]) -> Path:
+    """Write `layer` under the format name `fmt`, with a subclass's `extra` entries."""
+    target = npz_path(path)
     entries: dict[str, Any] = {
-        "format": np.array(layer._format),
+        "format": np.array(fmt),
         "config_num_features": np.array(layer.num_features),
         "config_eps": np.array(layer.eps),
         "config_momentum": np.array(np.nan if layer.momentum is None else layer.momentum),
@@ -108,17 +140,26 @@ def save(layer: BatchNorm, path: str | os.PathLike[str]) -> Path:
         "config_ghost_batch_size": np.array(layer.ghost_batch_size or 0),
         "config_frozen": np.array(layer.frozen),
     }
-    entries.update(layer._extra_entries())
+    entries.update(extra)
     entries.update(state_dict(layer))
     np.savez(target, **entries)
     return target
 
 
-def load(cls: type[_L], path: str | os.PathLike[str]) -> _L:
+def load(
+    path: str | os.PathLike[str],
+    fmt: str,
+    config_keys: tuple[str, ...],
+    build: Callable[..., _L],
+) -> _L:
+    """Read a file save() wrote under the format name `fmt`; ``build(entry, num_features,
+    **config)`` makes the layer (a subclass reads its own entries through `entry`)."""
+    path = _existing(path)
     arrays = _read_npz(path)
-    if arrays.get("format") is None or str(arrays["format"]) != cls._format:
-        raise _validate.saved_file(path, f"its 'format' entry is not {cls._format!r}")
-    unknown = sorted(set(arrays) - {"format", *_validate.STATE_KEYS, *cls._config_keys})
+    found = arrays.get("format")
+    if found is None or found.shape != () or str(found) != fmt:
+        raise _validate.saved_format(path, fmt, None if found is None else str(found))
+    unknown = sorted(set(arrays) - {"format", *_validate.STATE_KEYS, *config_keys})
     if unknown:
         raise _validate.saved_file(path, f"it holds unknown entries {unknown}")
     try:
@@ -133,7 +174,7 @@ def load(cls: type[_L], path: str | os.PathLike[str]) -> _L:
                 _validate.saved_width(key, arrays[key].shape, num_features)
         # Files written before ghost batches and freezing existed hold neither entry.
         ghost = "config_ghost_batch_size" in arrays and int(entry("config_ghost_batch_size", "iu"))
-        layer = cls._from_config(
+        layer = build(
             entry,
             num_features,
             eps=float(entry("config_eps", "f")),
@@ -150,8 +191,17 @@ def load(cls: type[_L], path: str | os.PathLike[str]) -> _L:
         layer.train(bool(entry("config_training", "b")))
     except (KeyError, TypeError, ValueError) as err:
         raise _validate.saved_file(path, str(err)) from err
-    assert isinstance(layer, cls)
     return layer
+
+
+def _existing(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """`path`, or the name save() gave it: save("bn1") writes bn1.npz, so load("bn1") reads it."""
+    if os.path.exists(path):
+        return path
+    target = npz_path(path)
+    if target.exists():
+        return target
+    raise _validate.no_saved_file(path, target)
 
 
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, NDArray[Any]]:

@@ -18,7 +18,8 @@ import numpy as np
 from batchnorm import _validate
 from batchnorm.layer import BatchNorm
 
-_OPAQUE = (types.ModuleType, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+_FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+_OPAQUE = (types.ModuleType, type, *_FUNCTIONS)
 
 
 def named_layers(layers: Iterable[BatchNorm]) -> list[tuple[str, BatchNorm]]:
@@ -41,7 +42,10 @@ def find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
     tracking = [(path, layer) for path, layer in reachable(model) if layer.track_running_stats]
     found = [(path, layer) for path, layer in tracking if not layer.frozen]
     if not found:
-        raise _validate.no_layers_found(frozen=len(tracking))
+        function = None
+        if isinstance(model, _FUNCTIONS):  # the walk never looks inside a function
+            function = f"{type(model).__name__} {getattr(model, '__qualname__', model)!r}"
+        raise _validate.no_layers_found(frozen=len(tracking), function=function)
     return found
 
 

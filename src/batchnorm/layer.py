@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _ghost, _saved, _validate
+from batchnorm import _alerts, _exchange, _ghost, _saved, _validate
 from batchnorm._ghost import Part
 from batchnorm._saved import LoadResult
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
@@ -42,9 +42,11 @@ class BatchNorm:
             running = momentum * running + (1 - momentum) * batch_statistic
 
         as in the original paper's code, cs231n, d2l and Keras. PyTorch's ``momentum`` is the
-        weight of the new value: PyTorch's 0.1 is 0.9 here. None keeps the cumulative average
-        of all batches seen (running = running + (batch - running) / num_batches_tracked), as
-        PyTorch's ``momentum=None``.
+        weight of the new value: PyTorch's 0.1 is 0.9 here. A momentum below 0.5 warns
+        (UserWarning, once per value), naming the value a PyTorch user meant; silence it with
+        ``warnings.filterwarnings("ignore", message="momentum=")``. None keeps the cumulative
+        average of all batches seen (running = running + (batch - running) /
+        num_batches_tracked), as PyTorch's ``momentum=None``.
     affine : bool, default True
         Learn a per-channel scale ``gamma`` (init 1) and shift ``beta`` (init 0). False: no
         parameters; ``gamma``, ``beta``, ``dgamma`` and ``dbeta`` are None.
@@ -130,6 +132,7 @@ class BatchNorm:
         self.num_features = _validate.num_features(num_features)
         self.eps = _validate.eps_value(eps)
         self.momentum = _validate.momentum_value(momentum)
+        _alerts.pytorch_momentum(self.momentum)
         self.affine = _validate.flag(affine, "affine")
         self.track_running_stats = _validate.flag(track_running_stats, "track_running_stats")
         self.unbiased = _validate.flag(unbiased, "unbiased")
@@ -166,7 +169,9 @@ class BatchNorm:
         (each ghost batch's with ``ghost_batch_size``); training mode with tracking then updates
         ``running_mean``, ``running_var`` and ``num_batches_tracked``. Eval mode, and a frozen
         layer in every mode, normalizes with the running statistics. Bad input (TypeError,
-        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing."""
+        ValueError) and NaN or inf batch statistics (FloatingPointError) change nothing. A
+        float16 output that overflows to inf where x is finite (a large gamma or beta: float16
+        ends at 65504) gives a RuntimeWarning naming the channels, before any state changes."""
         if self.training and not self.frozen:
             return self._forward_train(x)
         # The kernel checks x; the layer adds only what the kernel cannot know.
@@ -178,6 +183,7 @@ class BatchNorm:
                                     self.running_var, eps=self.eps, axis=self.axis)  # fmt: skip
         else:  # eval mode, track_running_stats=False: this rank's batch statistics
             y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
+        _alerts.float16_overflow(x, y, self.axis, self.gamma, self.beta)
         self._cache, self._parts, self._cache_group = cache, (), None
         return y
 
@@ -207,6 +213,9 @@ class BatchNorm:
                 running = self._advance(running, part.cache)
             outputs.append(y)
             parts.append(part)
+        y = outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
+        # Before any write: under -W error the warning raises, and then nothing changed.
+        _alerts.float16_overflow(x, y, self.axis, self.gamma, self.beta)
         for part in parts:
             for observe in self._observers:
                 observe(part.cache)
@@ -217,7 +226,7 @@ class BatchNorm:
             np.copyto(self.running_var, running[1])
             self.num_batches_tracked = running[2]
         self._cache, self._parts, self._cache_group = parts[-1].cache, tuple(parts), self.group
-        return outputs[0] if len(outputs) == 1 else _ghost.join(xa, outputs, bounds)
+        return y
 
     def _normalize(
         self, x: ArrayLike, running: tuple[Any, Any, int] | None
@@ -353,12 +362,31 @@ class BatchNorm:
 
         Every entry is checked (keys; shapes (C,); real dtype; finite; running_var >= 0;
         num_batches_tracked a non-negative int) before anything is loaded: on any error the
-        layer is unchanged. ``strict=False`` loads the matching keys and reports the rest; a
-        state of which no key matches is an error in both modes. A whole model's state (keys
-        such as ``bn1.running_mean``) is refused with the prefixes found; strip one::
+        layer is unchanged. ``strict=True`` loads exactly this layer's keys or raises
+        ValueError. ``strict=False`` loads the matching keys and returns the others, as
+        PyTorch does; when no key matches (an empty state included) it loads nothing and
+        warns (UserWarning). A whole model's state (keys such as ``bn1.running_mean``) is
+        refused (a warning with ``strict=False``) with the prefixes found; strip one::
 
             layer.load_state_dict({k.removeprefix("bn1."): v for k, v in state.items()
                                    if k.startswith("bn1.")})
+
+        Returns
+        -------
+        LoadResult
+            A named tuple ``(missing_keys, unexpected_keys)``: this layer's keys absent from
+            state, and the keys of state this layer does not have (both empty when strict).
+
+        Examples
+        --------
+        >>> import warnings, batchnorm as bn
+        >>> layer = bn.BatchNorm(3)
+        >>> layer.load_state_dict(bn.BatchNorm(3).state_dict())
+        LoadResult(missing_keys=[], unexpected_keys=[])
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")      # "loaded nothing"
+        ...     layer.load_state_dict({}, strict=False).missing_keys
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
         """
         return _saved.load_state_dict(self, state, strict)
 
@@ -367,14 +395,19 @@ class BatchNorm:
 
         NumPy appends ``.npz`` when the name has no such suffix. No pickled objects are written
         (:meth:`load` reads with ``allow_pickle=False``); a synchronized layer's group is not."""
-        return _saved.save(self, path)
+        return _saved.save(self, path, self._format, self._extra_entries())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BatchNorm:
-        """Read a layer written by :meth:`save`: FileNotFoundError for no such file, ValueError
-        for one that is truncated, malformed, holds pickled objects, unknown or repeated
-        entries, or values that fail :meth:`load_state_dict`'s checks (never executed)."""
-        layer: BatchNorm = _saved.load(cls, path)
+        """Read a layer written by :meth:`save` (of this class; BatchRenorm has its own).
+
+        `path` is the name given to :meth:`save` or the path it returned: ``load("bn1")``
+        reads ``bn1.npz`` when there is no file ``bn1``. FileNotFoundError for no such file;
+        ValueError for a file of another class (naming the loader that reads it) and for one
+        that is truncated, malformed, holds pickled objects, unknown or repeated entries, or
+        values that fail :meth:`load_state_dict`'s checks (never executed)."""
+        layer = _saved.load(path, cls._format, cls._config_keys, cls._from_config)
+        assert isinstance(layer, cls)
         return layer
 
     def _extra_entries(self) -> dict[str, Any]:
@@ -382,8 +415,9 @@ class BatchNorm:
         return {}
 
     @classmethod
-    def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
-        """A new layer from the saved configuration (subclasses read their own entries)."""
+    def _from_config(cls, entry: Callable[..., Any], *args: Any, **config: Any) -> BatchNorm:
+        """A new layer from the saved configuration (subclasses read their own entries with
+        ``entry(key, kinds)``, or ``entry(key, kinds, default)`` for one older files lack)."""
         return cls(*args, **config)
 
     def __repr__(self) -> str:

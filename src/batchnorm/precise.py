@@ -369,9 +369,14 @@ def _measure(
                 model(batch)
                 used += 1
         except Exception as err:
-            if group is None:
+            failure = err  # with a group: raised after telling the other ranks, in _pool
+            if isinstance(err, _validate.OneValuePerChannel):  # say which batch, and what to do
+                failure = _validate.one_value_batch(used, err.shape)
+                if group is None:
+                    raise failure from err
+                failure.__cause__ = err
+            elif group is None:
                 raise
-            failure = err  # raised after telling the other ranks, in _pool
     total = used if group is None else _pool(group, stats, calls, used, order, failure)
     if total == 0:
         raise _validate.no_batches() if group is None else _validate.precise_group_batches()

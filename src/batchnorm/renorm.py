@@ -8,13 +8,14 @@ constant in backward; everything else is :class:`batchnorm.BatchNorm` on the sam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _exchange, _validate
 from batchnorm._ghost import Gradients, Part
 from batchnorm.functional import backward, forward_train, moments
 from batchnorm.layer import BatchNorm
@@ -46,6 +47,14 @@ class BatchRenorm(BatchNorm):
     dmax : float >= 0, default 5.0
         d is clipped to [-dmax, dmax]; ``math.inf``: no clipping. An attribute, like rmax (the
         paper starts at 0 and raises it to 5).
+    warmup_steps : int >= 0, default 0
+        W > 0: the paper's schedule, scaled to W. For the first W training batches (counted by
+        ``num_batches_tracked``) r = 1 and d = 0, plain BatchNorm, while the running statistics
+        settle; then the limits relax linearly, dmax reaching ``dmax`` after 5W batches and
+        rmax reaching ``rmax`` after 8W (Ioffe: 5,000, 25,000 and 40,000 steps). 0: ``rmax``
+        and ``dmax`` from the first batch, which then corrects towards the initial running
+        statistics (0 and 1): on N(5, 3) data the first output has mean ~5 and std ~3, not 0
+        and 1. ``current_limits`` gives the limits of the next training batch.
     affine : bool, default True
     unbiased : bool, default True
         running_var receives the unbiased batch variance (False: the biased one), as in
@@ -57,10 +66,17 @@ class BatchRenorm(BatchNorm):
         updated by the ghost batches before it.
     frozen : bool, default False
         As in BatchNorm: running statistics in every mode, never updated.
+    group : None
+        Not supported: a group (synchronized BatchNorm) is a ValueError, as is setting
+        ``layer.group`` later or passing the layer to ``distributed.synchronize``.
 
     Attributes
     ----------
     rmax, dmax : float
+        The limits (after the warm-up).
+    warmup_steps : int
+    current_limits : tuple of float
+        (rmax, dmax) for the next training batch, as the warm-up sets them.
     r, d : ndarray of shape (C,), float64, or None
         The corrections of the last forward in training mode (of its last ghost batch); None
         after an eval-mode or frozen forward.
@@ -98,12 +114,18 @@ class BatchRenorm(BatchNorm):
     (array([0.667, 0.667]), array([0.5, 0.5]))
     >>> np.round(y[:, 0], 3)                         # xhat * r + d
     array([-0.167,  1.167])
+    >>> warm = bn.BatchRenorm(2, warmup_steps=100)   # r = 1, d = 0 for 100 batches
+    >>> warm.current_limits
+    (1.0, 0.0)
+    >>> warm.num_batches_tracked = 300               # 200 batches into the relaxation
+    >>> warm.current_limits                          # dmax: 5 at 500, rmax: 3 at 800
+    (1.5714285714285714, 2.5)
     """
 
     _format: ClassVar[str] = "batchnorm.BatchRenorm/1"
     _synchronizable: ClassVar[bool] = False
     _config_keys: ClassVar[tuple[str, ...]] = (*BatchNorm._config_keys, "config_rmax",
-                                               "config_dmax")  # fmt: skip
+                                               "config_dmax", "config_warmup_steps")  # fmt: skip
 
     @_validate.refuse_num_dims
     def __init__(
@@ -114,17 +136,29 @@ class BatchRenorm(BatchNorm):
         *,
         rmax: float = 3.0,
         dmax: float = 5.0,
+        warmup_steps: int = 0,
         affine: bool = True,
         unbiased: bool = True,
         axis: int = 1,
         ghost_batch_size: int | None = None,
         frozen: bool = False,
+        group: _exchange.Group | None = None,
     ) -> None:
+        if _validate.group_value(group) is not None:  # accepted only to refuse it clearly
+            _validate.no_group("BatchRenorm")
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=affine, unbiased=unbiased,
             axis=axis, ghost_batch_size=ghost_batch_size, frozen=frozen,
         )  # fmt: skip
         self.rmax, self.dmax = _validate.renorm_limits(rmax, dmax)
+        self.warmup_steps = _validate.warmup_steps(warmup_steps)
+
+    @property
+    def current_limits(self) -> tuple[float, float]:
+        """(rmax, dmax) for the next training batch: (1, 0) during the warm-up, then relaxing
+        linearly to (rmax, dmax)."""
+        rmax, dmax = _validate.renorm_limits(self.rmax, self.dmax)
+        return _relaxed(rmax, dmax, self.warmup_steps, self.num_batches_tracked or 0)
 
     @property
     def r(self) -> NDArray[np.float64] | None:
@@ -148,8 +182,10 @@ class BatchRenorm(BatchNorm):
     ) -> tuple[NDArray[np.floating[Any]], Part]:
         if self.group is not None:
             _validate.no_group("BatchRenorm")
-        rmax, dmax = _validate.renorm_limits(self.rmax, self.dmax)
         assert running is not None
+        rmax, dmax = _validate.renorm_limits(self.rmax, self.dmax)
+        warmup = _validate.warmup_steps(self.warmup_steps)
+        rmax, dmax = _relaxed(rmax, dmax, warmup, running[2])  # this batch's step
         x = _validate.float_array(x)
         _validate.training_batch(x.shape, _validate.channel_axis(x.shape, self.axis))
         batch = moments(x, axis=self.axis)
@@ -173,20 +209,45 @@ class BatchRenorm(BatchNorm):
         return dx, part.r * sum_dy_xhat + part.d * sum_dy, sum_dy
 
     def _extra_entries(self) -> dict[str, Any]:
-        return {"config_rmax": np.array(self.rmax), "config_dmax": np.array(self.dmax)}
+        return {
+            "config_rmax": np.array(self.rmax),
+            "config_dmax": np.array(self.dmax),
+            "config_warmup_steps": np.array(self.warmup_steps),
+        }
 
     @classmethod
-    def _from_config(cls, entry: Callable[[str, str], Any], *args: Any, **config: Any) -> BatchNorm:
+    def _from_config(cls, entry: Callable[..., Any], *args: Any, **config: Any) -> BatchNorm:
         if not config.pop("track_running_stats"):
             raise _validate.renorm_needs_running_stats()
         rmax, dmax = float(entry("config_rmax", "f")), float(entry("config_dmax", "f"))
-        return cls(*args, rmax=rmax, dmax=dmax, **config)
+        warmup = int(entry("config_warmup_steps", "iu", 0))  # files from before: none
+        return cls(*args, rmax=rmax, dmax=dmax, warmup_steps=warmup, **config)
 
     def __repr__(self) -> str:
         return (
             f"BatchRenorm({self.num_features}, eps={self.eps:g}, momentum={self.momentum}, "
-            f"rmax={self.rmax:g}, dmax={self.dmax:g}, affine={self.affine}, "
+            f"rmax={self.rmax:g}, dmax={self.dmax:g}, warmup_steps={self.warmup_steps}, "
+            f"affine={self.affine}, "
             f"unbiased={self.unbiased}, axis={self.axis}, ghost_batch_size="
             f"{self.ghost_batch_size}, frozen={self.frozen}, "
             f"mode={'train' if self.training else 'eval'})"
         )
+
+
+def _relaxed(rmax: float, dmax: float, warmup: int, step: int) -> tuple[float, float]:
+    """The limits at training batch `step` (0 for the first) of Ioffe's schedule scaled to
+    `warmup` steps: (1, 0) for `warmup` steps, then linear, dmax reached at 5 * warmup and
+    rmax at 8 * warmup (the paper's 5k, 25k, 40k). An infinite limit is reached at once."""
+    if warmup == 0:
+        return rmax, dmax
+    done = step - warmup
+
+    def ramp(bottom: float, top: float, length: int) -> float:
+        fraction = min(max(done / length, 0.0), 1.0)
+        if fraction == 0.0:
+            return bottom
+        if fraction == 1.0 or math.isinf(top):
+            return top
+        return bottom + (top - bottom) * fraction
+
+    return ramp(1.0, rmax, 7 * warmup), ramp(0.0, dmax, 4 * warmup)

@@ -8,4 +8,5 @@ from batchnorm._validate.distributed import *  # noqa: F403
 from batchnorm._validate.kernels import *  # noqa: F403
 from batchnorm._validate.layer import *  # noqa: F403
 from batchnorm._validate.precise import *  # noqa: F403
+from batchnorm._validate.saved import *  # noqa: F403
 from batchnorm._validate.variants import *  # noqa: F403

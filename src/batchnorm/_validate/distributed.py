@@ -92,9 +92,12 @@ def group_batch(counts: list[int]) -> ValueError:
 
 
 def thread_group_size(size: Any) -> int:
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"thread_groups needs a positive int size (the number of threads); "
-                         f"got {size!r}.")  # fmt: skip
+    wrong_type = isinstance(size, bool) or not isinstance(size, numbers.Integral)
+    if wrong_type or size < 1:
+        error = TypeError if wrong_type else ValueError
+        raise error(
+            f"thread_groups needs a positive int size (the number of threads); got {size!r}."
+        )
     return int(size)
 
 

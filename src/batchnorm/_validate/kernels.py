@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "OneValuePerChannel",
     "axis_value",
     "batch_stats",
     "cache_type",
@@ -132,6 +133,15 @@ def per_channel(
     return out
 
 
+class OneValuePerChannel(ValueError):
+    """A training batch with one value per channel (its shape in ``shape``): callers that know
+    more (precise_bn knows which batch) can say more."""
+
+    def __init__(self, message: str, shape: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
 def training_batch(shape: tuple[int, ...], axis: int) -> int:
     """Check that a training batch has at least two values per channel; return that count."""
     num_channels = shape[axis]
@@ -144,11 +154,12 @@ def training_batch(shape: tuple[int, ...], axis: int) -> int:
             "statistics. Skip empty batches before calling forward in training mode."
         )
     if count == 1:
-        raise ValueError(
+        raise OneValuePerChannel(
             f"Expected more than 1 value per channel when training; got input of shape {shape}, "
             f"1 value for each of its {num_channels} channels, whose batch variance is 0 by "
             "definition. Use eval mode (running statistics) to normalize a single sample, or "
-            "train with a larger batch. (N=1 is fine when the spatial size is > 1.)"
+            "train with a larger batch. (N=1 is fine when the spatial size is > 1.)",
+            shape,
         )
     return count
 

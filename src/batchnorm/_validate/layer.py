@@ -1,11 +1,11 @@
-"""Checks of the BatchNorm layer: its options, its input, its state and saved files, folding."""
+"""Checks of the BatchNorm layer: its options, its input, its warnings, folding."""
 
 from __future__ import annotations
 
 import functools
 import numbers
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ParamSpec
 
 import numpy as np
@@ -14,29 +14,22 @@ from numpy.typing import NDArray
 from batchnorm._validate.kernels import channel_axis, channel_list, float_array, per_channel
 
 __all__ = [
-    "ENTRY_KINDS",
-    "STATE_KEYS",
     "backward_before_forward",
     "finite_statistics",
     "finite_values",
     "flag",
+    "float16_overflow",
     "fold_target",
     "fold_weight",
     "foldable",
     "folded_range",
     "layer_channels",
     "layer_input",
-    "model_prefixes",
     "momentum_value",
     "num_features",
     "positional_eps",
+    "pytorch_momentum",
     "refuse_num_dims",
-    "saved_file",
-    "saved_scalar",
-    "saved_width",
-    "state_counter",
-    "state_keys",
-    "state_vector",
     "wrong_channels",
 ]
 
@@ -59,8 +52,13 @@ def refuse_num_dims(init: Callable[_P, None]) -> Callable[_P, None]:
 
 
 def num_features(value: Any) -> int:
-    """Check the layer's channel count."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    """Check the layer's channel count: TypeError for a non-int, ValueError for one < 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"num_features must be a positive int, the number of channels C; got {value!r} "
+            f"({type(value).__name__}). Pass an int, e.g. BatchNorm(64)."
+        )
+    if value <= 0:
         raise ValueError(
             f"num_features must be a positive int, the number of channels C; got {value!r}."
         )
@@ -98,6 +96,33 @@ def momentum_value(value: Any) -> float | None:
             "PyTorch's momentum=0.1 is momentum=0.9 here; None keeps a cumulative average."
         )
     return m
+
+
+def pytorch_momentum(value: float) -> str:
+    """The warning for a momentum below 0.5: most likely PyTorch's convention."""
+    return (
+        f"momentum={value!r} weights the OLD running value here (running = momentum * running + "
+        f"(1 - momentum) * batch_statistic), so each batch statistic gets weight {1.0 - value:g} "
+        "and the running statistics follow the last batches closely. PyTorch's momentum "
+        f"weights the new value: PyTorch's momentum={value!r} "
+        f"is momentum={1.0 - value:g} here. If {value!r} is what you mean, silence this with "
+        'warnings.filterwarnings("ignore", message="momentum=").'
+    )
+
+
+def float16_overflow(channels: NDArray[np.intp], gamma: Any, beta: Any) -> str:
+    """The warning for a float16 layer output that overflowed to inf."""
+    largest = [
+        f"max |{name}| = {float(np.max(np.abs(v))):.3g}"
+        for name, v in (("gamma", gamma), ("beta", beta))
+        if v is not None and v.size
+    ]
+    return (
+        f"the float16 output of channels {channel_list(channels)} overflowed to inf: "
+        "gamma * xhat + beta is computed in float32 but exceeds float16's largest value, "
+        f"65504 ({', '.join(largest) or 'no affine parameters'}). Pass float32 input "
+        "(x.astype(np.float32)), or check gamma and beta."
+    )
 
 
 def flag(value: Any, name: str) -> bool:
@@ -165,133 +190,6 @@ def backward_before_forward() -> RuntimeError:
         "backward() was called before forward(): there is no cached forward pass. "
         "Call y = layer(x) first, then dx = layer.backward(dy)."
     )
-
-
-STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def state_keys(state: Any, expected: tuple[str, ...], strict: bool) -> None:
-    """Check the keys of a state dict against the ones this layer has.
-
-    Keys such as ``bn1.running_mean`` are a whole model's state: the error says which prefixes
-    were found and how to strip one. A non-strict load that would match no key at all is an
-    error too, instead of a load that silently does nothing.
-    """
-    if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
-        raise TypeError(
-            f"state must be a mapping such as the dict from state_dict(); got "
-            f"{type(state).__name__}."
-        )
-    given = set(state.keys())
-    missing = [k for k in expected if k not in given]
-    unexpected = sorted(str(k) for k in given - set(expected))
-    prefixes = model_prefixes(unexpected, expected)
-    if prefixes and (strict or len(missing) == len(expected)):
-        example = prefixes[0]
-        shown = ", ".join(repr(p) for p in prefixes[:5])
-        more = f" (and {len(prefixes) - 5} more)" if len(prefixes) > 5 else ""
-        sample = next(k for k in unexpected if k.startswith(example))
-        raise ValueError(
-            f"state does not match this layer: missing keys {missing}. Its keys, such as "
-            f"{sample!r}, are a whole model's: this layer's names {list(expected)} appear "
-            f"behind the prefixes {shown}{more}. Select one layer's entries and strip its "
-            f"prefix, e.g. layer.load_state_dict({{k.removeprefix({example!r}): v for k, v in "
-            f"state.items() if k.startswith({example!r})}}). strict=False would load none of "
-            "these keys."
-        )
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"state does not match this layer: missing keys {missing}, unexpected keys "
-            f"{unexpected}; expected exactly {list(expected)}. Use strict=False to load the "
-            "matching keys only (affine=False has no weight/bias, track_running_stats=False "
-            "has no running statistics)."
-        )
-    if expected and len(missing) == len(expected):
-        what = (
-            f"none of the keys {unexpected[:10]} is one of this layer's keys {list(expected)}"
-            if unexpected
-            else "state is empty"
-        )
-        raise ValueError(
-            f"strict=False would load nothing: {what}. Pass the state of a BatchNorm "
-            "(layer.state_dict(), or a PyTorch BatchNorm's state converted to NumPy)."
-        )
-
-
-def model_prefixes(keys: list[str], expected: tuple[str, ...]) -> list[str]:
-    """Prefixes p such that p + name is a key for a name of the layer ('bn1.' for
-    'bn1.running_mean'), those covering the most names first."""
-    covered: dict[str, int] = {}
-    for key in keys:
-        for name in expected:
-            if key.endswith("." + name) and len(key) > len(name) + 1:
-                prefix = key[: -len(name)]
-                covered[prefix] = covered.get(prefix, 0) + 1
-    return sorted(covered, key=lambda p: (-covered[p], p))
-
-
-def state_vector(value: Any, key: str, num_channels: int) -> NDArray[np.float64]:
-    """Check one per-channel entry of a state dict and return a float64 copy."""
-    try:
-        arr = np.asarray(value)
-    except Exception as err:  # e.g. a tensor that requires grad
-        raise TypeError(
-            f"state[{key!r}] could not be converted to a NumPy array ({err}). Convert tensors "
-            "first: {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}."
-        ) from err
-    return per_channel(arr, f"state[{key!r}]", num_channels, nonnegative=key == "running_var")
-
-
-def state_counter(value: Any) -> int:
-    """Check num_batches_tracked: a non-negative integer (0-d or a size-1 array)."""
-    try:
-        arr = np.asarray(value)
-    except Exception as err:
-        raise TypeError(
-            f"state['num_batches_tracked'] must be an int such as 3; got {type(value).__name__}, "
-            f"which NumPy cannot convert ({err})."
-        ) from err
-    # state_dict() and save() store the counter as int64: a larger value could not go back.
-    limit = int(np.iinfo(np.int64).max)
-    if arr.size != 1 or arr.dtype.kind not in "iu" or not 0 <= int(arr.reshape(())) <= limit:
-        value = (
-            f" holding {int(arr.reshape(()))}" if arr.size == 1 and arr.dtype.kind in "iu" else ""
-        )
-        raise ValueError(
-            "state['num_batches_tracked'] must be one non-negative integer, at most 2**63 - 1 "
-            f"(it is stored as int64); got {arr.dtype} array of shape {arr.shape}{value}."
-        )
-    return int(arr.reshape(()))
-
-
-def saved_file(path: Any, problem: str) -> ValueError:
-    """The error for a file that BatchNorm.load cannot trust."""
-    return ValueError(
-        f"{path} is not a valid BatchNorm file: {problem}. BatchNorm.load reads only .npz "
-        "files written by BatchNorm.save (never pickled objects)."
-    )
-
-
-ENTRY_KINDS = {"f": "float", "iu": "integer", "b": "bool"}
-
-
-def saved_scalar(arrays: Mapping[str, NDArray[Any]], key: str, kinds: str) -> Any:
-    """One 0-d entry of a file written by BatchNorm.save, of the dtype kind save writes."""
-    if key not in arrays:
-        raise ValueError(f"its {key!r} entry is missing")
-    value = arrays[key]
-    if value.shape != () or value.dtype.kind not in kinds:
-        raise ValueError(
-            f"its {key!r} entry must be a 0-d {ENTRY_KINDS[kinds]} array; got {value.dtype} of "
-            f"shape {value.shape}"
-        )
-    return value.item()
-
-
-def saved_width(key: str, shape: tuple[int, ...], num_features: int) -> None:
-    """A saved per-channel vector must have num_features values."""
-    if shape != (num_features,):
-        raise ValueError(f"{key} has shape {shape} but num_features is {num_features}")
 
 
 def foldable(training: bool, track_running_stats: bool) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "no_batches",
     "no_layers_found",
     "no_tqdm",
+    "one_value_batch",
     "pooled_statistics",
     "population_count",
     "positive_count",
@@ -33,8 +34,10 @@ __all__ = [
 
 def positive_count(value: Any, name: str) -> int:
     """Check a positive integer option such as num_batches_precise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value <= 0:
+        error = TypeError if wrong_type else ValueError
+        raise error(f"{name} must be a positive int; got {value!r}.")
     return int(value)
 
 
@@ -112,7 +115,15 @@ def has_running_stats(track_running_stats: bool, name: str) -> None:
         )
 
 
-def no_layers_found(frozen: int = 0) -> ValueError:
+def no_layers_found(frozen: int = 0, function: str | None = None) -> ValueError:
+    """No BatchNorm to recompute; `function` names a model that is a function or method."""
+    if function is not None:
+        return ValueError(
+            f"precise_bn found no BatchNorm layer: model is the {function}, and functions and "
+            "methods are not searched (their layers live in closures, globals or the object "
+            "they belong to). Pass the layers to recompute: precise_bn(model, batches, "
+            "layers=[bn1, bn2, ...]), or pass an object whose attributes hold them."
+        )
     skipped = (
         f" It skipped {frozen} frozen layer(s): name them in layers=[...] to recompute them."
         if frozen
@@ -147,6 +158,17 @@ def fewer_batches(wanted: int, used: int, pooled: bool = False) -> str:
     return (
         f"precise_bn: asked for num_batches_precise={wanted} batches but the data "
         f"{'of this rank ' if pooled else ''}gave only {used}; {seen}."
+    )
+
+
+def one_value_batch(index: int, shape: tuple[int, ...]) -> ValueError:
+    """A batch of precise_bn's pass gave a layer one value per channel."""
+    lower = f", or lower num_batches_precise to {index} to stop before it" if index > 0 else ""
+    return ValueError(
+        f"precise_bn: batch {index} (counting from 0) gave a BatchNorm layer input of shape "
+        f"{shape}, 1 value per channel, which has no batch variance; nothing was changed. "
+        "precise_bn needs batch statistics, so this batch cannot be used: drop it from "
+        f"`batches` (a loader's last, shorter batch: drop_last=True){lower}."
     )
 
 

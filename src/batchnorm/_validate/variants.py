@@ -14,6 +14,7 @@ __all__ = [
     "no_group",
     "renorm_limits",
     "renorm_needs_running_stats",
+    "warmup_steps",
 ]
 
 
@@ -21,8 +22,9 @@ def ghost_batch_size(value: Any) -> int | None:
     """Check ghost_batch_size: None (the whole batch) or a positive int k."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value < 1:
+        raise (TypeError if wrong_type else ValueError)(
             f"ghost_batch_size must be None (normalize over the whole batch) or a positive int k, "
             f"the number of samples per ghost batch; got {value!r}."
         )
@@ -80,6 +82,18 @@ def renorm_limits(rmax: Any, dmax: Any) -> tuple[float, float]:
             "the paper raises them gradually to 3 and 5; math.inf switches clipping off."
         )
     return float(rmax), float(dmax)
+
+
+def warmup_steps(value: Any) -> int:
+    """Check BatchRenorm's warmup_steps: an int >= 0 (0: no warm-up)."""
+    wrong_type = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if wrong_type or value < 0:
+        error = TypeError if wrong_type else ValueError
+        raise error(
+            f"warmup_steps must be an int >= 0, the number of training batches with r = 1 and "
+            f"d = 0 before rmax and dmax relax (0: no warm-up); got {value!r}."
+        )
+    return int(value)
 
 
 def renorm_needs_running_stats() -> ValueError:
