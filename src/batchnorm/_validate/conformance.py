@@ -12,6 +12,7 @@ __all__ = [
     "case_dtype",
     "case_name",
     "missing_framework",
+    "no_matplotlib",
     "output_name",
     "three_gradients",
 ]
@@ -86,3 +87,11 @@ def three_gradients(grads: tuple[Any, ...]) -> tuple[Any, ...]:
             f"it does not compute; got {len(grads)}."
         )
     return grads
+
+
+def no_matplotlib() -> ImportError:
+    """--plot without matplotlib."""
+    return ImportError(
+        "--plot needs matplotlib, which is not installed: pip install matplotlib "
+        "(or leave out --plot)."
+    )
