@@ -140,14 +140,17 @@ def torch_kernels() -> tuple[Callable, Callable, Callable]:
     return forward, backward, running
 
 
-def _worst(report: bn.gradcheck.KernelReport) -> tuple[float, str]:
-    worst, where = 0.0, ""
+def _worst(report: bn.gradcheck.KernelReport) -> tuple[float, str, float]:
+    """The largest error/tolerance, where it is, and the smallest one of a failing case."""
+    worst, where, least = 0.0, "", float("inf")
     for case in report.cases:
-        for name, err in case.errors.items():
-            ratio = err / case.tolerances.get(name, case.tolerance)
-            if ratio > worst:
-                worst, where = ratio, f"{case.name} {name}"
-    return worst, where
+        ratios = {n: e / case.tolerances.get(n, case.tolerance) for n, e in case.errors.items()}
+        name = max(ratios, key=lambda n: ratios[n])
+        if ratios[name] > worst:
+            worst, where = ratios[name], f"{case.name} {name}"
+        if ratios[name] > 1.0:
+            least = min(least, ratios[name])
+    return worst, where, least
 
 
 def calibrate() -> list[dict[str, Any]]:
@@ -171,13 +174,14 @@ def calibrate() -> list[dict[str, Any]]:
                 if c.unbiased or not label.startswith("torch")
             ]
             report = bn.gradcheck.check_kernels(fwd, bwd, cases=chosen, running=run)
-            ratio, where = _worst(report)
+            ratio, where, least = _worst(report)
             rows.append(
                 {
                     "kernel": label,
                     "dtype": dt,
                     "passed": report.passed,
                     "worst_error_over_tolerance": ratio,
+                    "least_failing_error_over_tolerance": least,
                     "where": where,
                     "failed_cases": len(report.failures),
                     "cases": len(report.cases),
@@ -194,12 +198,17 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'kernel':<28} {'dtype':<8} {'worst err/tol':>13}  {'failed':>9}  worst case")
+    print(
+        f"{'kernel':<28} {'dtype':<8} {'worst err/tol':>13} {'least failing':>13} "
+        f"{'failed':>7}  worst case"
+    )
     for r in rows:
         failed = f"{r['failed_cases']}/{r['cases']}"
+        least = r["least_failing_error_over_tolerance"]
+        least_text = "-" if least == float("inf") else f"{least:.3g}"
         print(
-            f"{r['kernel']:<28} {r['dtype']:<8} {r['worst_error_over_tolerance']:13.3g}  "
-            f"{failed:>9}  {r['where']}"
+            f"{r['kernel']:<28} {r['dtype']:<8} {r['worst_error_over_tolerance']:13.3g} "
+            f"{least_text:>13} {failed:>7}  {r['where']}"
         )
 
 

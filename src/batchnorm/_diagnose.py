@@ -47,6 +47,18 @@ def cause(name: str, got: Any, ref: Mapping[str, Matrix], inp: CaseInputs, case:
             f"{name} holds NaN or inf: an overflow in the arithmetic (squares of large values in "
             f"{case.dtype}?) or a division by a variance of 0 (eps missing?)"
         )
+    if case.recipe == "constant" and name in ("y", "dx"):
+        return (
+            f"channel 0 is constant at {case.offset:g}: its exact mean is that value and its "
+            "exact y is beta; a mean that is not exactly the constant (rounded partial sums, "
+            "a one-pass update) leaves x - mean != 0, which 1 / sqrt(eps) amplifies. Subtract "
+            "one of the channel's values before summing (shifted data), as this library does"
+        )
+    if case.recipe == "huge_values":
+        return (
+            "the squares of |x| ~ 1e30 overflow float32 (max 3.4e38): accumulate the variance "
+            "in float64, or scale the data before squaring"
+        )
     try:
         if name == "y":
             found = _y_cause(a, want, inp, case)

@@ -31,7 +31,10 @@ def implementations() -> list[Implementation]:
         raise _validate.missing_framework("jax", "flax", "jax flax") from None
     jax.config.update("jax_enable_x64", True)
     version = f"flax {flax.__version__} / jax {jax.__version__}"
-    conventions = "momentum as ours; running_var biased; channels last; float32 scale/bias"
+    conventions = (
+        "momentum as ours; running_var biased; channels last; float32 scale/bias (float64 "
+        "for float64 input)"
+    )
     return [
         Implementation("flax", version, _DTYPES, _runner(jax, nn, fast=True), conventions),
         Implementation(
