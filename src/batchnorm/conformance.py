@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from batchnorm import _diagnose, _validate
+from batchnorm import _catalogue, _diagnose, _validate
 from batchnorm.functional import backward, forward_eval, forward_train
 
 __all__ = [
@@ -72,8 +72,6 @@ _UNIT_ROUNDOFF = {
     "float16": 2.0**-11,
     "bfloat16": 2.0**-8,
 }
-#: Magnitude of the constant channel, by dtype: exact floats with few significant bits.
-_CONSTANT = {"float64": 1e15, "float32": 1e7, "float16": 1e3, "bfloat16": 1e3}
 LAYOUTS = ("contiguous", "strided_channels_last", "non_contiguous")
 RECIPES = ("normal", "tiny_var", "constant", "wide", "huge_values")
 
@@ -240,25 +238,29 @@ class Case:
         _validate.case_axis(axis)
         rng = np.random.default_rng([zlib.crc32(self.name.encode()), seed])
         c = self.shape[1]
-        x64 = _recipe(self, rng)
+        x64 = _catalogue.draw(self.recipe, self.shape, self.offset, rng)
         dy64 = rng.standard_normal(self.shape)
         gamma = rng.integers(32, 97, c) / 64.0  # in [0.5, 1.5], exact in bfloat16
         beta = rng.integers(-32, 33, c) / 16.0
-        dt = _numpy_dtype(self.dtype)
+        dt = _catalogue.numpy_dtype(self.dtype)
         x, dy = x64.astype(dt), dy64.astype(dt)
         xr = x.astype(np.float64)
         red = tuple(i for i in range(x.ndim) if i != 1)
         mean = var = run_mean = run_var = None
         if self.mode == "eval":
-            mean = _exact(xr.mean(axis=red) + rng.uniform(-0.3, 0.3, c) * xr.std(axis=red), dt)
-            var = _exact(xr.var(axis=red) * rng.uniform(0.8, 1.25, c), dt)
+            mean = _catalogue.exact(
+                xr.mean(axis=red) + rng.uniform(-0.3, 0.3, c) * xr.std(axis=red), dt
+            )
+            var = _catalogue.exact(xr.var(axis=red) * rng.uniform(0.8, 1.25, c), dt)
         elif self.mode == "running":
             # Far from the batch's statistics, so the side momentum weights shows.
-            run_mean = _exact(xr.mean(axis=red) + rng.uniform(1.0, 2.0, c) * xr.std(axis=red), dt)
-            run_var = _exact(xr.var(axis=red) * rng.uniform(2.0, 4.0, c), dt)
+            run_mean = _catalogue.exact(
+                xr.mean(axis=red) + rng.uniform(1.0, 2.0, c) * xr.std(axis=red), dt
+            )
+            run_var = _catalogue.exact(xr.var(axis=red) * rng.uniform(2.0, 4.0, c), dt)
         if axis == -1:
             x, dy = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
-        x = _layout(np.ascontiguousarray(x), self.layout)
+        x = _catalogue.lay_out(np.ascontiguousarray(x), self.layout)
         dy = np.ascontiguousarray(dy)
         return CaseInputs(
             x, gamma, beta, dy, eps, axis, mean, var, run_mean, run_var, self.momentum,
@@ -404,13 +406,15 @@ def cases(
     >>> [c.name for c in bn.conformance.cases(dtypes=["float32"])][:3]
     ['offset_0-float32', 'offset_1e2-float32', 'offset_1e4-float32']
     """
-    catalogue = _catalogue()
+    catalogue = [Case(**spec) for spec in _catalogue.specs()]
     if names is not None:
         by_name = {c.name: c for c in catalogue}
         return [by_name[_validate.case_name(n, by_name)] for n in names]
     wanted = None if dtypes is None else {_dtype_name(d) for d in dtypes}
     if wanted is None:
-        wanted = {"float64", "float32", "float16"} | ({"bfloat16"} if _has_bfloat16() else set())
+        wanted = {"float64", "float32", "float16"} | (
+            {"bfloat16"} if _catalogue.has_bfloat16() else set()
+        )
     keep_modes = None if modes is None else set(modes)
     order = list(_UNIT_ROUNDOFF) if dtypes is None else [_dtype_name(d) for d in dtypes]
     return sorted(
@@ -423,132 +427,6 @@ def cases(
         ),
         key=lambda c: order.index(c.dtype),
     )
-
-
-def _catalogue() -> list[Case]:
-    """Every case, in a stable order: dtype by dtype, training, then eval, then running."""
-    out: list[Case] = []
-    for dt in ("float32", "float64", "float16", "bfloat16"):
-        half = dt in ("float16", "bfloat16")
-        offsets = [0.0, 1e2] if half else [0.0, 1e2, 1e4] + ([1e6] if dt == "float64" else [])
-        for off in offsets:
-            shape = (32, 8) if off == 0.0 else (16, 4, 8, 8)
-            out.append(Case(f"offset_{_fmt(off)}-{dt}", shape, dt, offset=off,
-                            about=f"N(offset {_fmt(off)}, std 0.5-2) per channel"))  # fmt: skip
-        # The sweep for the audit's plot: float32 stops at 1e6, where its spacing is 1/16.
-        for k in range(1, 9 if dt == "float64" else 7):
-            off = 10.0**k
-            if f"offset_{_fmt(off)}-{dt}" not in {c.name for c in out} and not half:
-                out.append(Case(f"offset_{_fmt(off)}-{dt}", (16, 4, 8, 8), dt, offset=off,
-                                default=False, about="offset sweep"))  # fmt: skip
-        out += [
-            Case(f"tiny_var-{dt}", (64, 4), dt, "tiny_var",
-                 about="variances 1e-7 to 1e-4 (eps 1e-5)"),
-            Case(f"constant_channel-{dt}", (8, 4, 4, 4), dt, "constant", _CONSTANT[dt],
-                 about=f"channel 0 constant at {_fmt(_CONSTANT[dt])}: exact y is beta"),
-            Case(f"m2-{dt}", (2, 3), dt, about="two values per channel"),
-            Case(f"n1_spatial-{dt}", (1, 3, 4, 5), dt, offset=1.0, about="one sample, 4x5 map"),
-            Case(f"channels_last_memory-{dt}", (8, 6, 5, 5), dt, offset=1.0,
-                 layout="strided_channels_last", about="(N, C, H, W) in NHWC memory"),
-            Case(f"non_contiguous-{dt}", (8, 4, 10), dt, offset=1.0, layout="non_contiguous",
-                 about="3-D view with stride 2"),
-            Case(f"large_c-{dt}", (8, 512), dt, about="512 channels, m = 8"),
-            Case(f"5d-{dt}", (2, 3, 4, 4, 4), dt, offset=1.0, about="(N, C, D, H, W)"),
-            Case(f"eval_offset_0-{dt}", (16, 4), dt, mode="eval", about="given statistics"),
-            Case(f"eval_offset_1e2-{dt}", (8, 4, 4, 4), dt, offset=1e2, mode="eval",
-                 about="given statistics at offset 1e2"),
-            Case(f"eval_tiny_var-{dt}", (64, 4), dt, "tiny_var", mode="eval",
-                 about="given variances near eps"),
-            Case(f"running_0.9_unbiased-{dt}", (64, 4, 4), dt, offset=1.0, mode="running",
-                 momentum=0.9, about="momentum 0.9 weighs the old value, var * m/(m-1)"),
-            Case(f"running_0.1_unbiased-{dt}", (64, 4, 4), dt, offset=1.0, mode="running",
-                 momentum=0.1, about="momentum 0.1 weighs the old value, var * m/(m-1)"),
-            Case(f"running_0.9_biased-{dt}", (64, 4, 4), dt, offset=1.0, mode="running",
-                 momentum=0.9, unbiased=False, about="momentum 0.9, biased running var"),
-        ]  # fmt: skip
-        if dt == "float16":
-            out.append(Case(f"near_overflow-{dt}", (32, 4), dt, "wide", 6e4,
-                            about="uniform in +-6e4: squares overflow float16"))  # fmt: skip
-        if dt == "float32":
-            out += [
-                Case(f"constant_1e10-{dt}", (8, 4, 4, 4), dt, "constant", 1e10, default=False,
-                     about="channel 0 constant at 1e10: exact y is beta"),
-                Case(f"huge_values-{dt}", (16, 4), dt, "huge_values", 1e30, default=False,
-                     about="|x| ~ 1e30, std 1e29: squares overflow float32"),
-                Case(f"huge_m-{dt}", (880801, 2), dt, offset=10.0, default=False,
-                     about="880,801 values per channel"),
-            ]  # fmt: skip
-        if dt == "float64":
-            out.append(Case(f"constant_1e15_strided-{dt}", (8, 4, 4, 4), dt, "constant", 1e15,
-                            layout="strided_channels_last", default=False,
-                            about="constant channel at 1e15 in NHWC memory"))  # fmt: skip
-    if not _has_bfloat16():
-        out = [c for c in out if c.dtype != "bfloat16"]
-    return out
-
-
-def _recipe(case: Case, rng: np.random.Generator) -> Vector:
-    """The case's x in float64, channels at axis 1."""
-    c = case.shape[1]
-    per = (1, c) + (1,) * (len(case.shape) - 2)
-    z = rng.standard_normal(case.shape)
-    if case.recipe == "tiny_var":
-        std = np.sqrt(np.geomspace(1e-7, 1e-4, c))
-        return (z * std.reshape(per)).astype(np.float64)
-    if case.recipe == "wide":
-        return rng.uniform(-case.offset, case.offset, case.shape)
-    if case.recipe == "huge_values":
-        return case.offset * (1.0 + 0.1 * z)
-    std = rng.uniform(0.5, 2.0, c).reshape(per)
-    shift = rng.uniform(-1.0, 1.0, c).reshape(per)
-    if case.recipe == "constant":
-        x = z * std + shift
-        x[:, 0] = case.offset
-        return x
-    return case.offset + shift + z * std
-
-
-def _layout(x: NDArray[Any], layout: str) -> NDArray[Any]:
-    """x (contiguous) given the case's memory layout, with the same logical shape and values."""
-    if layout == "strided_channels_last":
-        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
-    if layout == "non_contiguous":
-        big = np.zeros((*x.shape[:-1], 2 * x.shape[-1]), dtype=x.dtype)
-        big[..., ::2] = x
-        return big[..., ::2]
-    return x
-
-
-def _exact(v: Vector, dtype: np.dtype[Any]) -> Vector:
-    """v rounded to float32, and to x's dtype if narrower: exact where a kernel may store it."""
-    out = np.asarray(v, dtype=np.float32)
-    if dtype.itemsize < 4:
-        out = out.astype(dtype)
-    return out.astype(np.float64)
-
-
-def _fmt(value: float) -> str:
-    if value == 0.0:
-        return "0"
-    exp = math.log10(abs(value))
-    return f"1e{round(exp)}" if exp == round(exp) else f"{value:g}"
-
-
-def _has_bfloat16() -> bool:
-    try:
-        import ml_dtypes  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _numpy_dtype(name: str) -> np.dtype[Any]:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-        return bf16
-    return np.dtype(name)
 
 
 def _dtype_name(dtype: Any) -> str:
