@@ -147,6 +147,26 @@ def test_bfloat16_cases_when_ml_dtypes_is_installed():
     assert check_kernels(fwd, bwd, dtypes=["bfloat16"], running=run).passed
 
 
+@pytest.mark.skipif(not HAS_BF16, reason="ml_dtypes is not installed")
+def test_one_pass_variance_in_bfloat16_fails_the_narrow_case():
+    # tt-metal's pattern: E[x^2] - E[x]^2 in bfloat16 on N(5, 0.1) data.
+    def one_pass(x, gamma, beta, *, eps, axis):
+        red, shape = (0, 2, 3), [1, -1, 1, 1]
+        mean = x.mean(axis=red, keepdims=True, dtype=x.dtype)
+        var = (x * x).mean(axis=red, keepdims=True, dtype=x.dtype) - mean * mean
+        with np.errstate(invalid="ignore"):
+            invstd = (1 / np.sqrt(var.astype(np.float32) + np.float32(eps))).astype(x.dtype)
+        y = gamma.reshape(shape).astype(x.dtype) * ((x - mean) * invstd)
+        return y + beta.reshape(shape).astype(x.dtype), None
+
+    (case,) = cases(names=["narrow_offset_5-bfloat16"])
+    inp = case.inputs()
+    y, _ = one_pass(inp.x, inp.gamma, inp.beta, eps=inp.eps, axis=1)
+    assert not case.check({"y": y}, inp).passed
+    y, _ = cal.textbook_forward(inp.x, inp.gamma, inp.beta, eps=inp.eps, axis=1)
+    assert case.check({"y": y}, inp).passed
+
+
 # --- the error model -----------------------------------------------------------------------------
 
 

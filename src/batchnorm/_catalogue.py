@@ -49,6 +49,8 @@ def specs() -> list[dict[str, Any]]:
                 out.append(_spec(f"offset_{fmt(off)}-{dt}", (16, 4, 8, 8), dt, offset=off,
                                 default=False, about="offset sweep"))  # fmt: skip
         out += [
+            _spec(f"narrow_offset_5-{dt}", (2, 64, 32, 32), dt, "narrow", 5.0,
+                  about="N(5, 0.1): where one-pass bfloat16 kernels return NaN"),
             _spec(f"tiny_var-{dt}", (64, 4), dt, "tiny_var",
                  about="variances 1e-7 to 1e-4 (eps 1e-5)"),
             _spec(f"constant_channel-{dt}", (8, 4, 4, 4), dt, "constant", CONSTANT[dt],
@@ -104,6 +106,8 @@ def draw(recipe: str, shape: tuple[int, ...], offset: float, rng: np.random.Gene
         return (z * std.reshape(per)).astype(np.float64)
     if recipe == "wide":
         return rng.uniform(-offset, offset, shape)
+    if recipe == "narrow":
+        return offset + 0.1 * z
     if recipe == "huge_values":
         return offset * (1.0 + 0.1 * z)
     std = rng.uniform(0.5, 2.0, c).reshape(per)

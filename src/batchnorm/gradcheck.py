@@ -371,7 +371,7 @@ def check_kernels(
     >>> import numpy as np, batchnorm as bn
     >>> report = bn.gradcheck.check_kernels(bn.forward_train, bn.backward, dtypes=[np.float32])
     >>> report.passed, len(report.cases)
-    (True, 11)
+    (True, 12)
     """
     chosen = _kernel_run.chosen_cases(shapes, dtypes, training, cases, offset, running is not None)
     report = KernelReport()
