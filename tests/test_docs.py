@@ -20,6 +20,7 @@ MODULES = [
     "batchnorm.layer",
     "batchnorm.precise",
     "batchnorm.gradcheck",
+    "batchnorm.conformance",
     "batchnorm.fold",
     "batchnorm.distributed",
     "batchnorm.renorm",

@@ -181,10 +181,15 @@ def test_check_kernels_passes_for_our_kernels(training, axis):
     report = check_kernels(forward, bn.backward, training=training, axis=axis)
     assert isinstance(report, KernelReport)
     assert report.passed
-    assert len(report.cases) == 4 * 2  # default shapes x (float64, float32)
+    # The default cases: the named conformance cases of this mode, float64 then float32.
+    expected = bn.conformance.cases(
+        dtypes=[np.float64, np.float32], modes=["train" if training else "eval"]
+    )
+    assert [case.name for case in report.cases] == [case.name for case in expected]
+    assert report.cases[0].dtype == "float64"
     assert set(report.worst) == {"y", "dx", "dgamma", "dbeta"}
     for case in report.cases:
-        assert case.tolerance == DEFAULT_TOLERANCES[case.dtype]
+        assert case.tolerance == case.tolerances["y"] > 0
         if case.dtype == "float64":
             assert max(case.errors.values()) == 0.0  # the reference is this same code
     assert report.worst["y"] < 1e-6
@@ -259,15 +264,16 @@ def test_report_string_is_a_table():
     lines = str(report).splitlines()
     assert len(lines) == 3
     header = lines[0].split()
-    assert header == ["shape", "dtype", "y", "dx", "dgamma", "dbeta", "ok"]
-    assert lines[1].startswith("(16, 8)")
+    assert header == ["case", "dtype", "y", "dx", "dgamma", "dbeta", "err/tol", "ok"]
+    assert lines[1].startswith("random_16x8-float64")
     assert "float64" in lines[1]
     assert lines[1].split()[-1] == "yes"
-    assert lines[2].startswith("(4, 3, 5)")
+    assert lines[2].startswith("random_4x3x5-float64")
+    assert [case.shape for case in report.cases] == [(16, 8), (4, 3, 5)]
 
 
 def test_empty_report_passes_vacuously():
     report = KernelReport()
     assert report.passed
     assert report.worst == {}
-    assert str(report).split() == ["shape", "dtype", "y", "dx", "dgamma", "dbeta", "ok"]
+    assert str(report).split() == ["case", "dtype", "y", "dx", "dgamma", "dbeta", "err/tol", "ok"]

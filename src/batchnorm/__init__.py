@@ -4,11 +4,13 @@ The kernels (``forward_train``, ``forward_eval``, ``backward``) hold all the mat
 ``BatchNorm`` layer keeps parameters and running statistics (``BatchRenorm`` is its Batch
 Renormalization variant); ``precise_bn`` recomputes
 population statistics after training. Submodules ``gradcheck`` and ``fold`` hold the gradient
-checks and the folding of BatchNorm into a preceding linear or conv layer; ``distributed`` holds
-synchronized BatchNorm across workers (MPI or threads; mpi4py is imported only by MPIGroup).
+checks and the folding of BatchNorm into a preceding linear or conv layer; ``conformance`` the
+named cases and tolerances that ``gradcheck.check_kernels`` runs your kernels on;
+``distributed`` holds synchronized BatchNorm across workers (MPI or threads; mpi4py is
+imported only by MPIGroup).
 """
 
-from batchnorm import distributed, fold, gradcheck
+from batchnorm import conformance, distributed, fold, gradcheck
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
@@ -23,6 +25,7 @@ __all__ = [
     "PopulationStats",
     "__version__",
     "backward",
+    "conformance",
     "distributed",
     "fold",
     "forward_eval",

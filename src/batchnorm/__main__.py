@@ -4,6 +4,7 @@ examples, the variants and the documentation."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import batchnorm
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the version, the conventions and where to start; ``-h``/``--help`` for usage."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["audit"]:  # python -m batchnorm audit ...: the conformance audit
+        from batchnorm._audit._cli import main as audit
+
+        raise SystemExit(audit(args[1:]))
     parser = _parser()
     parser.add_argument("--version", action="version", version=f"batchnorm {batchnorm.__version__}")
     parser.parse_args(argv)

@@ -5,7 +5,8 @@ Three levels, from the most general to the most specific:
 * :func:`numerical_gradient` - central differences of ``sum(f(x) * dy)`` for any f.
 * :func:`check_gradients` - this library's backward against finite differences.
 * :func:`check_kernels` - *your* forward/backward pair (NumPy, or a CUDA/Triton/C kernel
-  wrapped to take and return NumPy arrays) against this library on random inputs.
+  wrapped to take and return NumPy arrays) against this library on the named cases of
+  :mod:`batchnorm.conformance`, with tolerances from a stated error model.
 
 Examples
 --------
@@ -17,14 +18,15 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from batchnorm import _validate
+from batchnorm import _kernel_run, _validate
+from batchnorm.conformance import Case, CaseResult
 from batchnorm.functional import backward, forward_eval, forward_train
 
 __all__ = [
@@ -36,11 +38,13 @@ __all__ = [
     "relative_error",
 ]
 
-#: Largest relative error :func:`check_kernels` accepts, by the dtype of the kernel's input.
+#: Flat tolerances by dtype, kept for callers that pass them as ``tolerances=``;
+#: :func:`check_kernels` itself uses the per-case tolerances of :mod:`batchnorm.conformance`.
 DEFAULT_TOLERANCES: dict[str, float] = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2}
 
 _DY_SALT = 0x6479  # "dy"
 
+#: The shapes of the random cases before the named ones existed (pass ``shapes=`` for them).
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((16, 8), (4, 3, 5), (4, 3, 5, 6), (2, 3, 2, 3, 4))
 
 
@@ -208,24 +212,34 @@ def check_gradients(
 
 @dataclass(frozen=True)
 class KernelCase:
-    """The relative errors of one (shape, dtype) case of :func:`check_kernels`."""
+    """The errors of one case of :func:`check_kernels`.
+
+    ``errors`` maps each output (y, dx, dgamma, dbeta, running_mean, running_var) to its
+    normwise error; ``tolerances`` to its tolerance (``tolerance`` is y's); ``result`` holds the
+    full :class:`~batchnorm.conformance.CaseResult` (worst index, likely cause).
+    """
 
     shape: tuple[int, ...]
     dtype: str
     errors: dict[str, float]
     tolerance: float
+    name: str = ""
+    tolerances: dict[str, float] = field(default_factory=dict)
+    result: CaseResult | None = None
 
     @property
     def passed(self) -> bool:
-        return all(err <= self.tolerance for err in self.errors.values())
+        return all(err <= self.tolerances.get(n, self.tolerance) for n, err in self.errors.items())
 
 
 @dataclass(frozen=True)
 class KernelReport:
-    """Result of :func:`check_kernels`: one :class:`KernelCase` per shape and dtype.
+    """Result of :func:`check_kernels`: one :class:`KernelCase` per case.
 
-    ``str(report)`` is a table; ``report.passed`` is True when every error is within its
-    dtype's tolerance; ``report.worst`` maps each output name to its largest error.
+    ``str(report)`` is a table of errors, then each failing case explained (output, error,
+    tolerance, worst index, likely cause); ``report.passed`` is True when every error is within
+    its tolerance; ``report.worst`` maps each output name to its largest error;
+    ``report.failures`` lists the failing cases.
     """
 
     cases: list[KernelCase] = field(default_factory=list)
@@ -233,6 +247,10 @@ class KernelReport:
     @property
     def passed(self) -> bool:
         return all(case.passed for case in self.cases)
+
+    @property
+    def failures(self) -> list[KernelCase]:
+        return [case for case in self.cases if not case.passed]
 
     @property
     def worst(self) -> dict[str, float]:
@@ -244,12 +262,32 @@ class KernelReport:
 
     def __str__(self) -> str:
         names = ["y", "dx", "dgamma", "dbeta"]
-        lines = [f"{'shape':<20} {'dtype':<8} " + " ".join(f"{n:>9}" for n in names) + "  ok"]
+        lines = [
+            f"{'case':<30} {'dtype':<8} "
+            + " ".join(f"{n:>9}" for n in names)
+            + f" {'err/tol':>8}  ok"
+        ]
         for case in self.cases:
             errs = " ".join(f"{case.errors.get(n, float('nan')):9.1e}" for n in names)
+            ratio = max(
+                (e / max(case.tolerances.get(n, case.tolerance), 1e-300))
+                for n, e in case.errors.items()
+            ) if case.errors else 0.0  # fmt: skip
+            label = case.name or str(case.shape)
             lines.append(
-                f"{case.shape!s:<20} {case.dtype:<8} {errs}  {'yes' if case.passed else 'NO'}"
+                f"{label:<30} {case.dtype:<8} {errs} {ratio:8.2g}  {'yes' if case.passed else 'NO'}"
             )
+        failed = self.failures
+        if failed:
+            lines.append("")
+            lines.append(f"{len(failed)} of {len(self.cases)} cases failed:")
+            for case in failed:
+                if case.result is not None:
+                    lines.append(str(case.result))
+                else:
+                    bad = [n for n, e in case.errors.items() if e > case.tolerance]
+                    lines.append(f"{case.name}: {', '.join(bad)} above {case.tolerance:.2e}")
+        lines.extend(f"diagnosis: {text}" for text in _trends(self.cases))
         return "\n".join(lines)
 
 
@@ -257,15 +295,18 @@ def check_kernels(
     forward: Callable[..., tuple[Any, Any]],
     backward_fn: Callable[[Any, Any], tuple[Any, Any, Any]],
     *,
-    shapes: Sequence[tuple[int, ...]] = DEFAULT_SHAPES,
+    shapes: Sequence[tuple[int, ...]] | None = None,
     dtypes: Sequence[DTypeLike] = (np.float64, np.float32),
     training: bool = True,
     eps: float = 1e-5,
     axis: int = 1,
     seed: int = 0,
     tolerances: dict[str, float] | None = None,
+    cases: Iterable[Case | str] | None = None,
+    offset: float | Iterable[float] | None = None,
+    running: Callable[..., tuple[Any, Any]] | None = None,
 ) -> KernelReport:
-    """Check your own BatchNorm kernels against this library on random inputs.
+    """Check your own BatchNorm kernels against this library on the conformance cases.
 
     Parameters
     ----------
@@ -273,79 +314,102 @@ def check_kernels(
         With ``training=True`` called as ``forward(x, gamma, beta, eps=eps, axis=axis)``; with
         ``training=False`` as ``forward(x, gamma, beta, mean, var, eps=eps, axis=axis)``: the
         signatures of :func:`batchnorm.forward_train` and :func:`batchnorm.forward_eval`.
-        Returns ``(y, cache)``; the cache is passed on to ``backward_fn`` untouched.
+        Returns ``(y, cache)``; the cache is passed on to ``backward_fn`` untouched. x comes in
+        the case's dtype and layout (channels-last memory and strided views included); gamma,
+        beta, mean and var are float64 (C,) with values exact in every dtype.
     backward_fn : callable
         ``backward_fn(dy, cache) -> (dx, dgamma, dbeta)``.
-    shapes : sequence of tuple
-        Input shapes, default (16, 8), (4, 3, 5), (4, 3, 5, 6) and (2, 3, 2, 3, 4).
-    dtypes : sequence of dtype
-        The dtypes your kernel is fed. The reference is always this library in float64 on the
-        same (rounded) input, so the errors are your kernel's true errors.
-    training, eps, axis, seed
-        Mode, eps, channel axis, and the seed of the random x, gamma, beta, dy (and mean, var).
+    shapes : sequence of tuple, optional
+        Instead of the named cases, random N(0.5, std 0.5-2) inputs of these shapes (the
+        behaviour before the named cases existed, with the tolerances of the error model).
+    dtypes : sequence of dtype, default (float64, float32)
+        The dtypes your kernel is fed: float64, float32, float16, bfloat16 (``ml_dtypes``).
+        The reference is always this library in float64 on the same (rounded) input.
+    training : bool, default True
+        Training cases (batch statistics); False runs the eval cases (given statistics).
+    eps, axis, seed
+        eps, the channel axis (1, or -1 for channels-last arrays) and the seed of the data.
     tolerances : dict, optional
-        Largest accepted relative error by dtype name; default :data:`DEFAULT_TOLERANCES`.
+        A fixed largest accepted error by dtype name (for every output), replacing the error
+        model's per-case tolerances for that dtype.
+    cases : iterable of Case or str, optional
+        Exactly these :func:`batchnorm.conformance.cases` (or their names); ``dtypes`` is then
+        ignored.
+    offset : float or iterable of float, optional
+        Only the offset cases, at these offsets (data N(offset, std 0.5-2) per channel).
+    running : callable, optional
+        Your running-statistic update, also checked (on the "running" cases) when given:
+        ``running(running_mean, running_var, x, momentum=..., unbiased=..., axis=...) ->
+        (new_mean, new_var)`` with momentum in this library's convention, the weight of the
+        OLD value: ``new = momentum * old + (1 - momentum) * batch``. Wrap a PyTorch-style
+        update (momentum weighs the new value) as ``update(..., momentum=1 - momentum)``.
 
     Returns
     -------
     KernelReport
-        The normwise relative error of y, dx, dgamma and dbeta per case,
-        ``max|got - want| / max(max|want|, 1e-8)``; inf where your kernel returned None or an
-        array of the wrong shape.
+        The normwise relative error of y, dx, dgamma, dbeta (and running_mean, running_var)
+        per case, ``max|got - want| / max(max|want|, 1e-8)``, with its tolerance; for a
+        failure the worst index and a likely cause. A kernel that raises, returns None or an
+        array of the wrong shape fails its case with that said.
 
     Notes
     -----
+    The default cases (docs/conformance.md) are offsets 0, 1e2, 1e4 (and 1e6 in float64),
+    variances around eps, a constant channel, m = 2, one sample with spatial dims, channels-last
+    memory, a strided view, 512 channels and a 5-D input. The tolerance of each output is
+    ``G * u * (1 + max|mean|/std) * S``: unit roundoff times a growth factor times the case's
+    conditioning (:mod:`batchnorm.conformance`), so that a correct two-pass float32 kernel
+    passes and eps outside the square root, E[x^2] - E[x]^2, the unbiased variance in training,
+    a missing term of dx and momentum on the wrong side each fail in float32 alone.
+
     The errors are normwise, not the elementwise :func:`relative_error`: a float32 kernel
     rounds every output to about 6e-8 of the array's scale, so an entry that is near zero by
-    chance (an output near beta, a dx whose terms cancel) has a large elementwise error even
-    when the kernel is exact up to rounding. Scaling by the largest reference magnitude makes
-    the error a property of the kernel, comparable with the dtype's precision.
+    chance has a large elementwise error even when the kernel is exact up to rounding.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> report = bn.gradcheck.check_kernels(bn.forward_train, bn.backward, dtypes=[np.float32])
+    >>> report.passed, len(report.cases)
+    (True, 12)
     """
-    tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
-    rng = np.random.default_rng(seed)
+    chosen = _kernel_run.chosen_cases(shapes, dtypes, training, cases, offset, running is not None)
     report = KernelReport()
-    for shape in shapes:
-        num_channels = shape[axis]
-        x64 = rng.standard_normal(shape) * 2.0 + 0.5
-        dy64 = rng.standard_normal(shape)
-        gamma = rng.uniform(0.5, 1.5, num_channels)
-        beta = rng.standard_normal(num_channels)
-        mean = rng.standard_normal(num_channels)
-        var = rng.uniform(0.5, 2.0, num_channels)
-        stats = () if training else (mean, var)
-        for dtype in dtypes:
-            dt = np.dtype(dtype)
-            x, dy = x64.astype(dt), dy64.astype(dt)
-            ref_fwd = forward_train if training else forward_eval
-            y_ref, cache_ref = ref_fwd(
-                x.astype(np.float64), gamma, beta, *stats, eps=eps, axis=axis
+    for case in chosen:
+        inp = case.inputs(axis=axis, eps=eps, seed=seed)
+        outputs, failure = _kernel_run.run_kernels(case, inp, forward, backward_fn, running)
+        result = case.check(outputs, inp)
+        tol = {out.name: out.tolerance for out in result.outputs}
+        if tolerances and case.dtype in tolerances:
+            fixed = float(tolerances[case.dtype])
+            tol = dict.fromkeys(tol, fixed)
+            outs = tuple(replace(o, tolerance=fixed) for o in result.outputs)
+            result = replace(result, outputs=outs)
+        if failure:
+            outs = tuple(
+                replace(o, cause=failure) if outputs.get(o.name) is None else o
+                for o in result.outputs
             )
-            grads_ref = backward(dy.astype(np.float64), cache_ref)
-            y, cache = forward(x, gamma, beta, *stats, eps=eps, axis=axis)
-            grads = backward_fn(dy, cache)
-            errors = {"y": _error_or_inf(y, y_ref)}
-            for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, grads_ref, strict=True):
-                if want is not None:
-                    errors[name] = _error_or_inf(got, want)
-            report.cases.append(KernelCase(tuple(shape), dt.name, errors, tol[dt.name]))
+            result = replace(result, outputs=outs)
+        report.cases.append(
+            KernelCase(case.shape, case.dtype, result.errors, tol["y"], case.name, tol, result)
+        )
     return report
 
 
-def _error_or_inf(got: Any, want: NDArray[Any]) -> float:
-    """_normwise_error, or inf when a user kernel returned None or an array of another shape."""
-    if got is None or np.shape(got) != want.shape:
-        return float("inf")
-    return _normwise_error(got, want)
-
-
-def _normwise_error(actual: ArrayLike, expected: ArrayLike) -> float:
-    """``max|actual - expected| / max(max|expected|, 1e-8)``; inf for NaN or inf; 0 if empty."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    if a.size == 0:
-        return 0.0
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = float(np.max(np.abs(a - e)))
-    if not np.isfinite(diff):
-        return float("inf")
-    return diff / max(float(np.max(np.abs(e))), 1e-8)
+def _trends(cases: Sequence[KernelCase]) -> list[str]:
+    """Report-level causes: how y's error grows with the offset of the data, per dtype."""
+    out = []
+    for dtype in sorted({c.dtype for c in cases}):
+        errs = {}
+        for c in cases:
+            if c.dtype == dtype and c.name.startswith("offset_") and c.result is not None:
+                errs[c.result.case.offset] = c.errors.get("y", 0.0)
+        lo, hi = errs.get(1e2), errs.get(1e4)
+        if lo and hi and np.isfinite(hi) and lo > 0 and hi / lo > 1e3:
+            out.append(
+                f"{dtype}: y's error grows {hi / lo:.2g} times from offset 1e2 to 1e4, like "
+                "offset^2: the variance is computed as E[x^2] - E[x]^2 (or another one-pass "
+                "formula); compute it from x - mean"
+            )
+    return out

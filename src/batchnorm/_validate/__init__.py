@@ -4,6 +4,7 @@ Each message says what was expected, what arrived, and what to do about it. One 
 topic; every check is imported here, so callers write ``_validate.name``.
 """
 
+from batchnorm._validate.conformance import *  # noqa: F403
 from batchnorm._validate.distributed import *  # noqa: F403
 from batchnorm._validate.kernels import *  # noqa: F403
 from batchnorm._validate.layer import *  # noqa: F403
