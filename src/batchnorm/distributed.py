@@ -8,28 +8,44 @@ communicator and :func:`thread_groups` connects threads of one process. See
 docs/distributed.md.
 
 Each training step communicates twice, one allgather each, O(C) values per rank: forward sends
-(C, count, mean, var) and a status flag, backward the 2C sums ``sum(dy)``, ``sum(dy * xhat)``
-and a status flag. Every rank combines what arrives in rank order, so every rank holds bitwise
-the same statistics. Bad input on one rank raises on every rank (the bad one its usual error,
-the others an error of the same type naming it), with nothing changed anywhere.
+(C, count, mean, var), backward the 2C sums ``sum(dy)``, ``sum(dy * xhat)``, each with a status
+flag and a fingerprint of 5 values (exchange number, operation, layer, C, dtype). Every rank
+combines what arrives in rank order, so every rank holds bitwise the same statistics. Bad input
+on one rank raises on every rank (the bad one its usual error, the others an error of the same
+type naming it), ranks in different exchanges raise alike, and :func:`fail` reports an error of
+your own code to the other ranks; in each case nothing is changed anywhere.
 
 Importing this module does not import mpi4py; :class:`MPIGroup` does, when it is created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
 import threading
-from typing import Any
+import time
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _validate, _walk
+from batchnorm import _exchange, _fingerprint, _validate, _walk
 from batchnorm.functional import BatchNormCache
 from batchnorm.layer import BatchNorm
 
-__all__ = ["Group", "MPIGroup", "backward", "forward_train", "synchronize", "thread_groups"]
+__all__ = [
+    "Group",
+    "MPIGroup",
+    "backward",
+    "fail",
+    "forward_train",
+    "reporting",
+    "synchronize",
+    "thread_groups",
+]
 
 Group = _exchange.Group
 Vector = NDArray[np.float64]
@@ -43,12 +59,24 @@ class MPIGroup:
     comm : mpi4py.MPI.Comm, optional
         The communicator; None: ``MPI.COMM_WORLD``. Pass a sub-communicator
         (``comm.Split(...)``) to synchronize BatchNorm within smaller groups of ranks.
+    timeout : float or None, default 300.0
+        Seconds an ``allgather`` waits for every rank to join before giving up; None: forever.
+        A rank that never joins is a rank doing something else: a layer in eval mode or frozen
+        while the others train, a layer with ``group=None``, an exception in user code that
+        skipped the rest of the step (report it with :func:`fail`), an exited rank.
+    on_timeout : {"abort", "raise"}, default "abort"
+        What a rank that timed out does. ``"abort"`` writes the TimeoutError's message to
+        stderr and calls ``comm.Abort(1)``: every rank of the job ends. ``"raise"`` raises the
+        TimeoutError on this rank and leaves the group broken (every later ``allgather``
+        raises at once).
 
     Attributes
     ----------
     comm : mpi4py.MPI.Comm
     rank, size : int
         This process's rank and the number of ranks.
+    timeout : float or None
+    on_timeout : str
 
     Raises
     ------
@@ -57,25 +85,41 @@ class MPIGroup:
 
     Notes
     -----
-    ``allgather`` is mpi4py's ``comm.allgather`` of the NumPy array: every rank's array, in
-    rank order, on every rank. Launch with ``mpiexec -n 4 python script.py``; a script run
-    without mpiexec is a group of one.
+    ``allgather`` is a non-blocking ``Iallgather`` of the lengths, then ``Iallgatherv`` of
+    the float64 data, each polled with ``Test`` (without pause for 20 ms, then with sleeps
+    growing to 1 ms) until `timeout` seconds have passed: every rank's array, in rank order,
+    on every rank. Launch with
+    ``mpiexec -n 4 python script.py``; a script run without mpiexec is a group of one.
+
+    **Why "abort" is the default.** An MPI collective cannot be cancelled: the waiting rank's
+    request stays pending, and the rank that never joined is somewhere else, maybe blocked in
+    a collective of its own. A rank that raises and exits does not end the others: under
+    MPICH the job then hangs until killed. Aborting turns a hang into an error message and a
+    non-zero exit of ``mpiexec``. Choose ``"raise"`` to handle the error yourself (log, save
+    a checkpoint), then end the job, for example with ``comm.Abort()`` or by running the
+    script as ``python -m mpi4py script.py``, which aborts on an uncaught exception.
 
     Examples
     --------
     >>> import numpy as np
     >>> from batchnorm import distributed as dist
-    >>> group = dist.MPIGroup()             # doctest: +SKIP
+    >>> group = dist.MPIGroup(timeout=60.0)  # doctest: +SKIP
     >>> group.allgather(np.array([group.rank], dtype=float))   # doctest: +SKIP
     [array([0.]), array([1.])]
     """
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(
+        self, comm: Any = None, timeout: float | None = 300.0, on_timeout: str = "abort"
+    ) -> None:
+        self.timeout = _validate.timeout_value(timeout)
+        self.on_timeout = _validate.on_timeout_value(on_timeout)
         try:
             mpi = importlib.import_module("mpi4py.MPI")
         except ImportError as err:
             raise _validate.mpi_missing(err) from err
         self.comm = mpi.COMM_WORLD if comm is None else comm
+        self._double = mpi.DOUBLE
+        self._broken = False
 
     @property
     def rank(self) -> int:
@@ -86,8 +130,48 @@ class MPIGroup:
         return int(self.comm.Get_size())
 
     def allgather(self, array: Vector) -> list[Vector]:
-        """Every rank's array, in rank order, on every rank."""
-        return list(self.comm.allgather(np.ascontiguousarray(array)))
+        """Every rank's array, in rank order, on every rank (waits at most `timeout` s)."""
+        if self._broken:
+            raise _validate.group_broken_mpi(self.rank, self.size)
+        data = np.ascontiguousarray(array, dtype=np.float64).ravel()
+        lengths = np.zeros(self.size, dtype=np.int64)
+        start = time.monotonic()
+        self._wait(self.comm.Iallgather(np.array([data.size], dtype=np.int64), lengths), start)
+        counts = [int(n) for n in lengths]
+        ends = np.cumsum(counts)
+        received = np.empty(int(ends[-1]), dtype=np.float64)
+        spec = [received, (counts, [int(e - n) for e, n in zip(ends, counts, strict=True)])]
+        self._wait(self.comm.Iallgatherv(data, [*spec, self._double]), start)
+        return np.split(received, ends[:-1])
+
+    def _wait(self, request: Any, start: float) -> None:
+        """Poll `request` until it completes or `timeout` seconds have passed since `start`."""
+        if self.timeout is None:
+            request.Wait()
+            return
+        pause = 1e-5
+        while not request.Test():
+            waited = time.monotonic() - start
+            if waited > self.timeout:
+                self._timed_out()
+            # Spin as MPI's own Wait does while the exchange is likely to be quick (a sleep,
+            # even of 0 s, costs about 0.1 ms on a busy machine); after 20 ms, sleep between
+            # polls, up to 1 ms.
+            if waited > 0.02:
+                time.sleep(pause)
+                pause = min(1e-3, 2 * pause)
+
+    def _timed_out(self) -> NoReturn:
+        assert self.timeout is not None
+        abort = self.on_timeout == "abort"
+        message = _validate.group_timeout(self.rank, self.size, self.timeout,
+                                          _fingerprint.waited_for(), abort)  # fmt: skip
+        self._broken = True
+        if abort:
+            print(f"TimeoutError: {message}", file=sys.stderr, flush=True)
+            self.comm.Abort(1)
+            os._exit(1)  # MPICH's Abort may return before the process manager ends the ranks
+        raise TimeoutError(message)
 
     def __repr__(self) -> str:
         return f"MPIGroup(rank={self.rank}, size={self.size})"
@@ -112,7 +196,8 @@ class _Hub:
         try:
             self.barrier.wait()
         except threading.BrokenBarrierError:
-            raise _validate.group_broken(rank, self.size, self.timeout) from None
+            what = _fingerprint.waited_for()
+            raise _validate.group_broken(rank, self.size, self.timeout, what) from None
 
 
 class _ThreadGroup:
@@ -151,7 +236,8 @@ def thread_groups(size: int, *, timeout: float | None = 60.0) -> list[_ThreadGro
     timeout : float or None, default 60.0
         Seconds an ``allgather`` waits for the other threads before raising RuntimeError (None:
         forever). A thread that fails outside BatchNorm can call ``group.abort()`` to release
-        the others at once. Either way the group is broken afterwards.
+        the others at once (the group is then broken, as after a timeout), or
+        :func:`fail` to make them raise in their exchange (the group goes on working).
 
     Returns
     -------
@@ -180,6 +266,75 @@ def thread_groups(size: int, *, timeout: float | None = 60.0) -> list[_ThreadGro
     """
     hub = _Hub(_validate.thread_group_size(size), _validate.timeout_value(timeout))
     return [_ThreadGroup(hub, rank) for rank in range(hub.size)]
+
+
+def fail(group: Group, error: Exception) -> NoReturn:
+    """Report `error`, caught on this rank in the middle of a step, to the other ranks; raise it.
+
+    The other ranks are waiting in (or will reach) a synchronized exchange of `group`; this
+    rank takes part in that exchange with `error` in place of its statistics, so that every
+    other rank raises there at once (an error naming this rank and `error`, of the same type
+    for TypeError, ValueError and FloatingPointError, else RuntimeError), with nothing changed
+    anywhere, instead of waiting for this rank until the group's timeout. Then `error` is
+    raised here. An error that came out of an exchange is known to every rank already: it is
+    raised again without communicating.
+
+    Parameters
+    ----------
+    group : Group
+        The group of the step's synchronized layers.
+    error : Exception
+        What this rank caught.
+
+    Raises
+    ------
+    Exception
+        `error`, always.
+
+    See Also
+    --------
+    reporting : the same, as a context manager around a step.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> from batchnorm import distributed as dist
+    >>> group = dist.thread_groups(1)[0]
+    >>> try:
+    ...     raise KeyError("label")              # your own code, between forward and backward
+    ... except KeyError as err:
+    ...     dist.fail(group, err)
+    Traceback (most recent call last):
+    KeyError: 'label'
+    """
+    checked = _validate.group_value(group, False)
+    caught = _validate.failure_value(error)
+    if _exchange.reported(caught):
+        raise caught
+    _exchange.fail(checked, caught, "its own code (reported with dist.fail)")
+
+
+@contextlib.contextmanager
+def reporting(group: Group) -> Iterator[None]:
+    """Around a step: an Exception raised in it is reported to the other ranks (:func:`fail`).
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> from batchnorm import distributed as dist
+    >>> group = dist.thread_groups(1)[0]
+    >>> layer = bn.BatchNorm(2, group=group)
+    >>> with dist.reporting(group):              # every rank runs its steps like this
+    ...     y = layer(np.array([[0.0, 1.0], [2.0, 3.0]]))
+    ...     dx = layer.backward(np.ones_like(y))
+    >>> layer.num_batches_tracked
+    1
+    """
+    checked = _validate.group_value(group, False)
+    try:
+        yield
+    except Exception as err:
+        fail(checked, err)
 
 
 def forward_train(
@@ -303,6 +458,10 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     dicts; each layer once). ``group=None`` makes the layers local again. A BatchRenorm or a
     layer with ghost batches among them is a ValueError, and then no layer is changed.
 
+    Each layer is named by its path (``model['blocks'][1]``) in every exchange's fingerprint,
+    so that ranks calling different layers raise, saying which each rank called; a layer given
+    its group at construction is named ``BatchNorm #k``, the k-th created with that group.
+
     Examples
     --------
     >>> import batchnorm as bn
@@ -313,12 +472,14 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     (2, thread_groups(1)[0])
     """
     checked = _validate.group_value(group)
-    layers = [layer for _, layer in _walk.reachable(model)]
+    named = _walk.reachable(model)
+    layers = [layer for _, layer in named]
     for layer in layers if checked is not None else []:  # all checked before any is set
         if not layer._synchronizable:
             _validate.no_group(type(layer).__name__)
         if layer.ghost_batch_size is not None:
             _validate.no_group("ghost_batch_size")
-    for layer in layers:
+    for path, layer in named:
         layer.group = checked
+        layer._tag = path  # the exchanges name the layer by its path: the same on every rank
     return layers
