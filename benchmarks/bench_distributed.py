@@ -12,7 +12,7 @@ Every rank holds a part of the given shape (the per-worker batch; the bench's co
 Each keeps its best round (``time.perf_counter``); the ranks meet in an allgather before each
 timed call, so that a synchronized step is not charged for a rank that started late. Rank 0
 prints the slowest rank's times, the ratios sync/local and alone/local, and the bytes each rank
-sends per step.
+sends per step (measured on one untimed step).
 
 Usage::
 
@@ -64,6 +64,19 @@ def best_of(group: Any, steps: dict[str, Callable[[], object]], rounds: int) -> 
     return best
 
 
+class Measuring:
+    """A group that records the size in bytes of every array this rank sends."""
+
+    def __init__(self, group: Any) -> None:
+        self.group, self.rank, self.size = group, group.rank, group.size
+        self.sent: list[int] = []
+
+    def allgather(self, array: Any) -> list[Any]:
+        self.sent.append(np.asarray(array).nbytes)
+        parts: list[Any] = self.group.allgather(array)
+        return parts
+
+
 def measure(group: Any, shape: tuple[int, ...], dtype: str, rounds: int) -> dict[str, Any]:
     rng = np.random.default_rng(group.rank)
     x = rng.normal(3.0, 2.0, size=shape).astype(dtype)
@@ -85,6 +98,9 @@ def measure(group: Any, shape: tuple[int, ...], dtype: str, rounds: int) -> dict
         _, cache = dist.forward_train(x, gamma, beta, solo)
         return dist.backward(dy, cache, solo)
 
+    measuring = Measuring(group)  # one untimed step: what each exchange sends
+    _, cache = dist.forward_train(x, gamma, beta, measuring)
+    dist.backward(dy, cache, measuring)
     best = best_of(group, {"local": local, "sync": sync, "alone": alone}, rounds)
     # Slowest rank's best: a synchronized step is as fast as its slowest rank.
     parts = group.allgather(np.array(list(best.values())))
@@ -98,9 +114,10 @@ def measure(group: Any, shape: tuple[int, ...], dtype: str, rounds: int) -> dict
         "alone_ms": worst[2] * 1e3,
         "ratio": worst[1] / worst[0],
         "ratio_alone": worst[2] / worst[0],
-        # float64 payload per rank: status, C, count, mean, var / status, C, 2C sums.
-        "bytes_forward": 8 * (3 + 3 * c),
-        "bytes_backward": 8 * (2 + 2 * c),
+        # float64 per rank: status, fingerprint (5), C, count, mean, var, mean_lo / status,
+        # fingerprint, C, the 2C sums; as measured.
+        "bytes_forward": measuring.sent[0],
+        "bytes_backward": measuring.sent[1],
     }
 
 

@@ -19,8 +19,10 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_distribu
 def check(result: dict[str, object], ranks: int) -> None:
     assert result["ranks"] == ranks
     assert result["shape"] == [8, 16, 4, 4]
-    assert result["bytes_forward"] == 8 * (3 + 3 * 16)  # flag, C, m, mean, var, mean_lo
-    assert result["bytes_backward"] == 8 * (2 + 2 * 16)
+    # status flag, fingerprint (5 values), C, count, mean, var, mean_lo / flag, fingerprint, C,
+    # the 2C sums
+    assert result["bytes_forward"] == 8 * (8 + 3 * 16)
+    assert result["bytes_backward"] == 8 * (7 + 2 * 16)
     local, sync = float(result["local_ms"]), float(result["sync_ms"])  # type: ignore[arg-type]
     assert local > 0 and sync > 0
     assert result["ratio"] == pytest.approx(sync / local)

@@ -29,13 +29,15 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(ranks: int, script: Path, *args: str, timeout: float = 240) -> str:
-    """Run `script` on `ranks` MPI ranks with this batchnorm importable; return stdout."""
+def launch(
+    ranks: int, script: Path, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run `script` on `ranks` MPI ranks with this batchnorm importable."""
     env = dict(os.environ)
     src = str(Path(batchnorm.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    done = subprocess.run(
+    return subprocess.run(
         [mpiexec(), "-n", str(ranks), sys.executable, str(script), *args],
         capture_output=True,
         text=True,
@@ -43,6 +45,11 @@ def run_mpi(ranks: int, script: Path, *args: str, timeout: float = 240) -> str:
         env=env,
         check=False,
     )
+
+
+def run_mpi(ranks: int, script: Path, *args: str, timeout: float = 240) -> str:
+    """Run `script` on `ranks` MPI ranks; assert it exits 0; return stdout."""
+    done = launch(ranks, script, *args, timeout=timeout)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -57,3 +64,28 @@ def test_every_check_passes_on_mpi_ranks(ranks: int) -> None:
 def test_a_check_that_fails_fails_the_run() -> None:
     with pytest.raises(AssertionError, match="exit 1"):
         run_mpi(2, MPI_DIR / "run_checks.py", "no_such_check", timeout=60)
+
+
+# --- faults: ranks that stop doing the same thing (tests/mpi/faults.py) ---------------------------
+# MPIGroup timeouts of 4 s; the subprocess timeouts turn a regression (a hang) into a failure.
+
+
+def test_every_fault_ends_with_an_error_on_mpi_ranks() -> None:
+    stdout = run_mpi(2, MPI_DIR / "run_faults.py", "--timeout", "4", timeout=150)
+    assert "passed 8 faults on 2 ranks" in stdout, stdout
+
+
+def test_a_rank_that_exits_times_out_the_other() -> None:
+    stdout = run_mpi(2, MPI_DIR / "run_faults.py", "--exit", "raise", "--timeout", "4",
+                     timeout=90)  # fmt: skip
+    assert "rank 0: TimeoutError, layer unchanged, group broken" in stdout, stdout
+
+
+def test_abort_ends_a_job_whose_other_rank_is_stuck() -> None:
+    done = launch(2, MPI_DIR / "run_faults.py", "--exit", "abort", "--stuck", "--timeout", "4",
+                  timeout=90)  # fmt: skip
+    assert done.returncode != 0, done.stdout
+    said = "TimeoutError: MPIGroup rank 0 of 2 waited 4 s in the synchronized backward pass"
+    assert f"{said} of BatchNorm #0" in done.stderr, done.stderr
+    assert "Aborting every rank" in done.stderr, done.stderr
+    assert "layer unchanged" not in done.stdout  # rank 0 did not go on after the abort

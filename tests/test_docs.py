@@ -23,6 +23,7 @@ MODULES = [
     "batchnorm.conformance",
     "batchnorm.fold",
     "batchnorm.distributed",
+    "batchnorm._groups",  # MPIGroup and thread_groups, re-exported by batchnorm.distributed
     "batchnorm.renorm",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

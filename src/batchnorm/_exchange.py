@@ -2,11 +2,13 @@
 
 Synchronized BatchNorm (``BatchNorm(group=...)``, :mod:`batchnorm.distributed`) and PreciseBN
 across workers send their per-channel statistics here. Every exchange is ONE
-``group.allgather`` of a float64 vector per rank that starts with a status flag: a rank whose
-local work raised sends the code of its error instead of its statistics, so that every rank
-learns of it in the same call and raises (the failing rank its own error, the others an error of
-the same type naming that rank). No rank ever waits for a rank that has given up, and nothing
-is changed anywhere before every rank knows the step succeeded.
+``group.allgather`` of a float64 vector per rank that starts with a status flag and the
+exchange's fingerprint (:mod:`batchnorm._fingerprint`): a rank whose local work raised sends the
+code and text of its error instead of its statistics, so that every rank learns of it in the
+same call and raises (the failing rank its own error, the others an error of the same type
+naming that rank); ranks whose fingerprints differ (different layers, operations, C or dtype)
+all raise, naming what each rank was doing. No rank ever waits for a rank that has given up,
+and nothing is changed anywhere before every rank knows the step succeeded.
 
 What arrives is combined in rank order (:func:`batchnorm.functional.combine_moments`, or a sum
 from rank 0 up), the same arithmetic on the same inputs, so every rank ends with bitwise the
@@ -15,13 +17,14 @@ same statistics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exact, _validate
+from batchnorm import _exact, _fingerprint, _validate
 from batchnorm import functional as F
 
 Vector = NDArray[np.float64]
@@ -47,41 +50,82 @@ class Group(Protocol):
 
 
 def gather(
-    group: Group, work: Callable[[], tuple[_T, Vector]], what: str
+    group: Group,
+    work: Callable[[], tuple[_T, Vector]],
+    what: str,
+    sign: _fingerprint.Sign = _fingerprint.UNKNOWN,
 ) -> tuple[_T, list[Vector]]:
     """Run this rank's `work`, then exchange its payload with a status flag in ONE allgather.
 
-    `work` returns (a value kept locally, the payload to send). Returns the value and every
-    rank's payload, in rank order, once every rank has succeeded; else raises on every rank.
+    `work` returns (a value kept locally, the payload to send); `sign` says which layer, C and
+    dtype this rank means (for the fingerprint). Returns the value and every rank's payload, in
+    rank order, once every rank has succeeded in the same exchange; else raises on every rank.
+    A second allgather, of each rank's description, happens only when the fingerprints differ.
     """
+    head, exchange = _fingerprint.header(group, what, sign)
     failure: Exception | None = None
     try:
         value, payload = work()
-        message = np.concatenate(([0.0], np.asarray(payload, dtype=np.float64).ravel()))
+        message = np.concatenate(([0.0], head, np.asarray(payload, dtype=np.float64).ravel()))
     except Exception as err:
         failure = err
         kinds = _validate.RANK_ERRORS
         code = next((i + 1 for i, kind in enumerate(kinds) if isinstance(err, kind)), 0)
-        message = np.array([float(code or len(kinds) + 1)])
-    parts = _validate.gathered(group.allgather(message), group.size)
-    if failure is not None:
-        raise failure
+        text = _fingerprint.encode(_validate.error_text(err, str(exchange)))
+        message = np.concatenate(([float(code or len(kinds) + 1)], head, text))
+    token = _fingerprint.enter(exchange)
+    try:
+        parts = _validate.gathered(group.allgather(message), group.size)
+        if failure is not None:
+            raise failure
+        _check(group, parts, exchange)
+    except Exception as err:
+        _mark_reported(err)
+        raise
+    finally:
+        _fingerprint.leave(token)
+    return value, [part[1 + _fingerprint.SIZE :] for part in parts]
+
+
+def _check(group: Group, parts: list[Vector], exchange: _fingerprint.Exchange) -> None:
+    """Raise on every rank when a rank failed or the ranks' fingerprints differ."""
     failed = [r for r, part in enumerate(parts) if part.size == 0 or part[0] != 0.0]
     if failed:
-        code = int(parts[failed[0]][0]) if parts[failed[0]].size else 0
+        first = parts[failed[0]]
+        code = int(first[0]) if first.size else 0
         kinds = _validate.RANK_ERRORS
         kind = kinds[code - 1] if 1 <= code <= len(kinds) else RuntimeError
-        raise _validate.rank_failed(kind, failed, group.size, what)
-    return value, [part[1:] for part in parts]
+        said = _fingerprint.decode(first[1 + _fingerprint.SIZE :])
+        raise _validate.rank_failed(kind, failed, group.size, str(exchange), said)
+    heads = [part[1 : 1 + _fingerprint.SIZE].tobytes() for part in parts]
+    if any(h != heads[0] for h in heads):  # every rank sees it: every rank asks for the words
+        labels = group.allgather(_fingerprint.encode(str(exchange)))
+        raise _validate.group_desync([_fingerprint.decode(np.asarray(v)) for v in labels])
 
 
-def fail(group: Group, error: Exception, what: str) -> None:
+def _mark_reported(err: BaseException) -> None:
+    with contextlib.suppress(AttributeError):  # an exception class with __slots__
+        err._batchnorm_reported = True  # type: ignore[attr-defined]
+
+
+def reported(err: BaseException) -> bool:
+    """Whether `err` came out of an exchange, so that every rank of its group knows of it."""
+    return getattr(err, "_batchnorm_reported", False) is True
+
+
+def fail(group: Group, error: Exception, what: str) -> NoReturn:
     """Take part in the exchange the other ranks are in, only to report `error` and raise it."""
 
     def work() -> tuple[None, Vector]:
         raise error
 
     gather(group, work, what)
+    raise AssertionError("unreachable: gather raised")  # pragma: no cover
+
+
+def new_tag(group: Group | None) -> str:
+    """The tag of a layer created with `group` on this rank (see :mod:`batchnorm._fingerprint`)."""
+    return _fingerprint.new_tag(group)
 
 
 def widths(parts: list[Vector], what: str) -> int:
@@ -104,12 +148,14 @@ def forward_train(
     eps: float = 1e-5,
     axis: int = 1,
     num_features: int | None = None,
+    tag: str = "",
 ) -> tuple[NDArray[np.floating[Any]], F.BatchNormCache]:
     """Normalize this rank's part with the statistics of every rank's part (one allgather).
 
     Local checks and ``F.moments``; send (C, count, mean, var, mean_lo); ``F.combine_moments``
     in rank order; ``F.forward_train(stats=...)`` (the means travel as hi + lo: exact at any
-    offset). `num_features`, when given, is the layer's C.
+    offset). `num_features`, when given, is the layer's C; `tag` names the layer in the
+    fingerprint.
     """
 
     def local() -> tuple[Any, Vector]:
@@ -127,7 +173,8 @@ def forward_train(
         payload = np.concatenate(([c, found.count], found.mean, found.var, found.mean_lo))
         return (xa, ax, kept), payload
 
-    (xa, ax, kept), parts = gather(group, local, "the synchronized forward pass")
+    sign = _fingerprint.of_input(x, axis, num_features, tag)
+    (xa, ax, kept), parts = gather(group, local, "the synchronized forward pass", sign)
     c = widths(parts, "the synchronized forward pass")
     counts = [int(part[1]) for part in parts]
     table = np.array(parts)[:, 2:].reshape(len(parts), 3, c)  # (ranks, [mean, var, lo], C)
@@ -141,7 +188,7 @@ def forward_train(
 
 
 def backward(
-    dy: ArrayLike, cache: F.BatchNormCache, group: Group
+    dy: ArrayLike, cache: F.BatchNormCache, group: Group, tag: str = ""
 ) -> tuple[NDArray[np.floating[Any]], Vector | None, Vector | None]:
     """dx of this rank's part from every rank's sums (one allgather); this rank's dgamma, dbeta.
 
@@ -156,7 +203,8 @@ def backward(
         sums = F.backward_sums(dy, cache)
         return sums, np.concatenate(([len(sums[0])], *sums))
 
-    (sum_dy, sum_dy_xhat), parts = gather(group, local, "the synchronized backward pass")
+    sign = _fingerprint.of_cache(cache, tag)
+    (sum_dy, sum_dy_xhat), parts = gather(group, local, "the synchronized backward pass", sign)
     c = widths(parts, "the synchronized backward pass")
     total_dy, total_dy_xhat = parts[0][1 : 1 + c].copy(), parts[0][1 + c :].copy()
     for part in parts[1:]:  # rank order: the same additions on every rank
@@ -191,7 +239,8 @@ def pool(
         flat = [np.concatenate(([len(hi), n], hi, lo, m2, m2_lo)) for n, hi, lo, m2, m2_lo in parts]
         return None, np.concatenate(([len(parts), len(tallies)], *flat, tallies))
 
-    _, messages = gather(group, local, what)
+    sign = _fingerprint.Sign(width=sum(len(total[1]) for total in parts), dtype="float64")
+    _, messages = gather(group, local, what, sign)
     pooled_parts: list[list[_exact.Total]] = [[] for _ in parts]
     all_tallies = []
     for message in messages:

@@ -8,179 +8,112 @@ communicator and :func:`thread_groups` connects threads of one process. See
 docs/distributed.md.
 
 Each training step communicates twice, one allgather each, O(C) values per rank: forward sends
-(C, count, mean, var, mean_lo) and a status flag, backward the 2C sums ``sum(dy)``,
-``sum(dy * xhat)`` and a status flag. Every rank combines what arrives in rank order, so every
-rank holds bitwise the same statistics. Bad input on one rank raises on every rank (the bad one
-its usual error, the others an error of the same type naming it), with nothing changed
-anywhere.
+(C, count, mean, var, mean_lo), backward the 2C sums ``sum(dy)``, ``sum(dy * xhat)``, each with
+a status flag and a fingerprint of 5 values (exchange number, operation, layer, C, dtype). Every
+rank combines what arrives in rank order, so every rank holds bitwise the same statistics. Bad
+input on one rank raises on every rank (the bad one its usual error, the others an error of the
+same type naming it), ranks in different exchanges raise alike, and :func:`fail` reports an
+error of your own code to the other ranks; in each case nothing is changed anywhere.
 
 Importing this module does not import mpi4py; :class:`MPIGroup` does, when it is created.
 """
 
 from __future__ import annotations
 
-import importlib
-import threading
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _exchange, _validate, _walk
+from batchnorm._groups import MPIGroup, thread_groups
 from batchnorm.functional import BatchNormCache
 from batchnorm.layer import BatchNorm
 
-__all__ = ["Group", "MPIGroup", "backward", "forward_train", "synchronize", "thread_groups"]
+__all__ = [
+    "Group",
+    "MPIGroup",
+    "backward",
+    "fail",
+    "forward_train",
+    "reporting",
+    "synchronize",
+    "thread_groups",
+]
 
 Group = _exchange.Group
 Vector = NDArray[np.float64]
 
 
-class MPIGroup:
-    """The ranks of an MPI communicator, as a group for synchronized BatchNorm.
+def fail(group: Group, error: Exception) -> NoReturn:
+    """Report `error`, caught on this rank in the middle of a step, to the other ranks; raise it.
+
+    The other ranks are waiting in (or will reach) a synchronized exchange of `group`; this
+    rank takes part in that exchange with `error` in place of its statistics, so that every
+    other rank raises there at once (an error naming this rank and `error`, of the same type
+    for TypeError, ValueError and FloatingPointError, else RuntimeError), with nothing changed
+    anywhere, instead of waiting for this rank until the group's timeout. Then `error` is
+    raised here. An error that came out of an exchange is known to every rank already: it is
+    raised again without communicating.
 
     Parameters
     ----------
-    comm : mpi4py.MPI.Comm, optional
-        The communicator; None: ``MPI.COMM_WORLD``. Pass a sub-communicator
-        (``comm.Split(...)``) to synchronize BatchNorm within smaller groups of ranks.
-
-    Attributes
-    ----------
-    comm : mpi4py.MPI.Comm
-    rank, size : int
-        This process's rank and the number of ranks.
+    group : Group
+        The group of the step's synchronized layers.
+    error : Exception
+        What this rank caught.
 
     Raises
     ------
-    ImportError
-        mpi4py is not installed; the message says ``pip install 'batchnorm[mpi]'``.
+    Exception
+        `error`, always.
 
-    Notes
-    -----
-    ``allgather`` is mpi4py's ``comm.allgather`` of the NumPy array: every rank's array, in
-    rank order, on every rank. Launch with ``mpiexec -n 4 python script.py``; a script run
-    without mpiexec is a group of one.
+    See Also
+    --------
+    reporting : the same, as a context manager around a step.
 
     Examples
     --------
-    >>> import numpy as np
+    >>> import numpy as np, batchnorm as bn
     >>> from batchnorm import distributed as dist
-    >>> group = dist.MPIGroup()             # doctest: +SKIP
-    >>> group.allgather(np.array([group.rank], dtype=float))   # doctest: +SKIP
-    [array([0.]), array([1.])]
+    >>> group = dist.thread_groups(1)[0]
+    >>> try:
+    ...     raise KeyError("label")              # your own code, between forward and backward
+    ... except KeyError as err:
+    ...     dist.fail(group, err)
+    Traceback (most recent call last):
+    KeyError: 'label'
     """
-
-    def __init__(self, comm: Any = None) -> None:
-        try:
-            mpi = importlib.import_module("mpi4py.MPI")
-        except ImportError as err:
-            raise _validate.mpi_missing(err) from err
-        self.comm = mpi.COMM_WORLD if comm is None else comm
-
-    @property
-    def rank(self) -> int:
-        return int(self.comm.Get_rank())
-
-    @property
-    def size(self) -> int:
-        return int(self.comm.Get_size())
-
-    def allgather(self, array: Vector) -> list[Vector]:
-        """Every rank's array, in rank order, on every rank."""
-        return list(self.comm.allgather(np.ascontiguousarray(array)))
-
-    def __repr__(self) -> str:
-        return f"MPIGroup(rank={self.rank}, size={self.size})"
+    checked = _validate.group_value(group, False)
+    caught = _validate.failure_value(error)
+    if _exchange.reported(caught):
+        raise caught
+    _exchange.fail(checked, caught, "its own code (reported with dist.fail)")
 
 
-class _Hub:
-    """What the thread groups of one :func:`thread_groups` call share: slots and a barrier."""
-
-    def __init__(self, size: int, timeout: float | None) -> None:
-        self.size, self.timeout = size, timeout
-        self.slots: list[Vector] = [np.zeros(0)] * size
-        self.barrier = threading.Barrier(size, timeout=timeout)
-
-    def allgather(self, rank: int, array: Vector) -> list[Vector]:
-        self.slots[rank] = np.array(array, dtype=np.float64, copy=True)
-        self._wait(rank)  # every slot is written
-        parts = [slot.copy() for slot in self.slots]
-        self._wait(rank)  # every rank has read them: the slots may be reused
-        return parts
-
-    def _wait(self, rank: int) -> None:
-        try:
-            self.barrier.wait()
-        except threading.BrokenBarrierError:
-            raise _validate.group_broken(rank, self.size, self.timeout) from None
-
-
-class _ThreadGroup:
-    """One thread's member of a :func:`thread_groups` group."""
-
-    def __init__(self, hub: _Hub, rank: int) -> None:
-        self._hub, self._rank = hub, rank
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return self._hub.size
-
-    def allgather(self, array: Vector) -> list[Vector]:
-        """Every thread's array, in rank order (waits for all of them, at most `timeout` s)."""
-        return self._hub.allgather(self._rank, array)
-
-    def abort(self) -> None:
-        """Break the group: every thread waiting in allgather, now or later, raises at once."""
-        self._hub.barrier.abort()
-
-    def __repr__(self) -> str:
-        return f"thread_groups({self.size})[{self.rank}]"
-
-
-def thread_groups(size: int, *, timeout: float | None = 60.0) -> list[_ThreadGroup]:
-    """`size` connected groups for the threads of one process: give ``groups[r]`` to thread r.
-
-    Parameters
-    ----------
-    size : int
-        The number of threads (ranks).
-    timeout : float or None, default 60.0
-        Seconds an ``allgather`` waits for the other threads before raising RuntimeError (None:
-        forever). A thread that fails outside BatchNorm can call ``group.abort()`` to release
-        the others at once. Either way the group is broken afterwards.
-
-    Returns
-    -------
-    list of groups
-        ``groups[r].rank == r`` and ``groups[r].size == size``.
-
-    Notes
-    -----
-    For tests, teaching, and checking a distributed setup without MPI: the arithmetic is that
-    of any other group, so results are bitwise those of MPI ranks holding the same parts.
+@contextlib.contextmanager
+def reporting(group: Group) -> Iterator[None]:
+    """Around a step: an Exception raised in it is reported to the other ranks (:func:`fail`).
 
     Examples
     --------
-    >>> import threading
-    >>> import numpy as np
+    >>> import numpy as np, batchnorm as bn
     >>> from batchnorm import distributed as dist
-    >>> groups = dist.thread_groups(2)
-    >>> out = {}
-    >>> def work(group):
-    ...     out[group.rank] = group.allgather(np.array([10.0 * group.rank]))
-    >>> threads = [threading.Thread(target=work, args=(g,)) for g in groups]
-    >>> for t in threads: t.start()
-    >>> for t in threads: t.join()
-    >>> out[1]
-    [array([0.]), array([10.])]
+    >>> group = dist.thread_groups(1)[0]
+    >>> layer = bn.BatchNorm(2, group=group)
+    >>> with dist.reporting(group):              # every rank runs its steps like this
+    ...     y = layer(np.array([[0.0, 1.0], [2.0, 3.0]]))
+    ...     dx = layer.backward(np.ones_like(y))
+    >>> layer.num_batches_tracked
+    1
     """
-    hub = _Hub(_validate.thread_group_size(size), _validate.timeout_value(timeout))
-    return [_ThreadGroup(hub, rank) for rank in range(hub.size)]
+    checked = _validate.group_value(group, False)
+    try:
+        yield
+    except Exception as err:
+        fail(checked, err)
 
 
 def forward_train(
@@ -305,6 +238,10 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     dicts; each layer once). ``group=None`` makes the layers local again. A BatchRenorm or a
     layer with ghost batches among them is a ValueError, and then no layer is changed.
 
+    Each layer is named by its path (``model['blocks'][1]``) in every exchange's fingerprint,
+    so that ranks calling different layers raise, saying which each rank called; a layer given
+    its group at construction is named ``BatchNorm #k``, the k-th created with that group.
+
     Examples
     --------
     >>> import batchnorm as bn
@@ -315,12 +252,14 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
     (2, thread_groups(1)[0])
     """
     checked = _validate.group_value(group)
-    layers = [layer for _, layer in _walk.reachable(model)]
+    named = _walk.reachable(model)
+    layers = [layer for _, layer in named]
     for layer in layers if checked is not None else []:  # all checked before any is set
         if not layer._synchronizable:
             _validate.no_group(type(layer).__name__)
         if layer.ghost_batch_size is not None:
             _validate.no_group("ghost_batch_size")
-    for layer in layers:
+    for path, layer in named:
         layer.group = checked
+        layer._tag = path  # the exchanges name the layer by its path: the same on every rank
     return layers

@@ -141,6 +141,7 @@ class BatchNorm:
         self.frozen = False
         self.freeze(frozen)
         self.group: _exchange.Group | None = _validate.group_value(group)
+        self._tag = _exchange.new_tag(self.group)  # names it in exchanges (dist.synchronize)
         if group is not None and ghost_batch_size is not None:
             _validate.no_group("ghost_batch_size")
         c = self.num_features
@@ -235,7 +236,7 @@ class BatchNorm:
         if self.group is not None:
             y, cache = _exchange.forward_train(
                 x, self.gamma, self.beta, self.group, eps=self.eps, axis=self.axis,
-                num_features=self.num_features,
+                num_features=self.num_features, tag=self._tag,
             )  # fmt: skip
         else:
             y, cache = forward_train(x, self.gamma, self.beta, eps=self.eps, axis=self.axis)
@@ -278,7 +279,7 @@ class BatchNorm:
 
     def _backward_part(self, dy: ArrayLike, part: Part) -> _ghost.Gradients:
         if self._cache_group is not None:  # the group of a synchronized training forward
-            return _exchange.backward(dy, part.cache, self._cache_group)
+            return _exchange.backward(dy, part.cache, self._cache_group, self._tag)
         return backward(dy, part.cache)
 
     # --- mode ----------------------------------------------------------------------------------

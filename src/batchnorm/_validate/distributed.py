@@ -10,13 +10,19 @@ from numpy.typing import NDArray
 
 __all__ = [
     "RANK_ERRORS",
+    "error_text",
+    "failure_value",
     "gathered",
     "group_batch",
     "group_broken",
+    "group_broken_mpi",
+    "group_desync",
     "group_parts",
+    "group_timeout",
     "group_value",
     "group_widths",
     "mpi_missing",
+    "on_timeout_value",
     "precise_group_batches",
     "rank_failed",
     "thread_group_size",
@@ -56,14 +62,82 @@ def gathered(parts: Any, size: int) -> list[NDArray[np.float64]]:
     return [np.asarray(p, dtype=np.float64).ravel() for p in parts]
 
 
-def rank_failed(kind: type[Exception], failed: list[int], size: int, what: str) -> Exception:
+def error_text(err: BaseException, where: str) -> str:
+    """What a failing rank tells the others about its error (at most 400 characters)."""
+    text = f"{type(err).__name__} in {where}: {err}"
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def rank_failed(
+    kind: type[Exception], failed: list[int], size: int, what: str, said: str = ""
+) -> Exception:
     """The error a rank raises when another rank of its group could not take part in a step."""
     who = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {failed}"
+    cause = f" Rank {failed[0]} reported: {said}" if said else ""
     return kind(
-        f"{who} of this group of {size} raised {kind.__name__} in {what}, so every rank stops "
-        "here; this rank's input was accepted and nothing was changed on any rank. See the "
-        f"error raised on {who} for the cause."
+        f"{who} of this group of {size} raised {kind.__name__} while this rank was in {what}, "
+        "so every rank stops here; this rank's input was accepted and nothing was changed on "
+        f"any rank.{cause}"
     )
+
+
+def group_desync(labels: list[str]) -> ValueError:
+    """The error every rank raises when the ranks are not in the same exchange."""
+    each = "; ".join(f"rank {r}: {label}" for r, label in enumerate(labels))
+    hint = (
+        " (BatchNorm #k is the k-th layer created with this group on that rank; "
+        "dist.synchronize(model, group) names each layer by its attribute path instead)"
+        if any("BatchNorm #" in label for label in labels)
+        else ""
+    )
+    return ValueError(
+        f"the ranks of this group are not in the same exchange: {each}. Every rank must call "
+        "the same synchronized layers in the same order with the same C and dtype, all in "
+        "training mode, none frozen, each with this group; an error caught on one rank in the "
+        f"middle of a step is reported with dist.fail(group, err){hint}. Nothing was changed "
+        "on any rank."
+    )
+
+
+def on_timeout_value(value: Any) -> str:
+    if value not in ("abort", "raise"):
+        raise ValueError(f'on_timeout must be "abort" or "raise"; got {value!r}.')
+    return str(value)
+
+
+def group_timeout(rank: int, size: int, timeout: float, what: str | None, abort: bool) -> str:
+    """The message of an MPIGroup that waited `timeout` seconds in a collective."""
+    where = what if what is not None else "an allgather called outside BatchNorm"
+    then = (
+        "Aborting every rank (on_timeout='abort'): an MPI collective cannot be cancelled, so "
+        "this job cannot go on."
+        if abort
+        else "This group is now broken (its collective is still pending): end the job."
+    )
+    return (
+        f"MPIGroup rank {rank} of {size} waited {timeout:g} s in {where}, and some rank never "
+        "joined. Likely causes: a rank whose layer is in eval mode or frozen while this one "
+        "trains (only training mode communicates); a rank whose layers have group=None; an "
+        "exception in user code on a rank that skipped the rest of its step (report it with "
+        "dist.fail(group, err) so that the others raise at once); a rank that exited or "
+        f"crashed; or a rank that is slower than the timeout (raise MPIGroup(timeout=...)). {then}"
+    )
+
+
+def group_broken_mpi(rank: int, size: int) -> RuntimeError:
+    return RuntimeError(
+        f"MPIGroup rank {rank} of {size} timed out in an earlier allgather whose collective is "
+        "still pending (MPI cannot cancel it): this group cannot exchange anything any more. "
+        "End the job (comm.Abort()) and find the rank that did not join (see the first error)."
+    )
+
+
+def failure_value(error: Any) -> Exception:
+    if not isinstance(error, Exception):
+        raise TypeError(
+            f"dist.fail reports an Exception instance to the other ranks; got {error!r}."
+        )
+    return error
 
 
 def group_widths(widths: list[int], what: str) -> ValueError:
@@ -109,12 +183,16 @@ def timeout_value(timeout: Any) -> float | None:
     return float(timeout)
 
 
-def group_broken(rank: int, size: int, timeout: float | None) -> RuntimeError:
+def group_broken(
+    rank: int, size: int, timeout: float | None, what: str | None = None
+) -> RuntimeError:
     waited = "timed out" if timeout is None else f"waited {timeout:g} s and timed out"
+    where = "" if what is None else f" in {what}"
     return RuntimeError(
-        f"thread group rank {rank} of {size}: allgather was aborted or {waited} waiting for the "
-        "other ranks (one of them probably raised or stopped calling). This group is now broken; "
-        "create new ones with thread_groups(size)."
+        f"thread group rank {rank} of {size}: allgather{where} was aborted or {waited} waiting "
+        "for the other ranks (one of them raised or stopped calling: a layer in eval mode or "
+        "frozen, group=None, an exception in user code not reported with dist.fail, a thread "
+        "that ended). This group is now broken; create new ones with thread_groups(size)."
     )
 
 
