@@ -23,6 +23,7 @@ MODULES = [
     "batchnorm.fold",
     "batchnorm.distributed",
     "batchnorm.renorm",
+    "batchnorm._model",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that

@@ -9,6 +9,7 @@ synchronized BatchNorm across workers (MPI or threads; mpi4py is imported only b
 """
 
 from batchnorm import distributed, fold, gradcheck
+from batchnorm._model import batchnorms, freeze_all, load_model_state_dict, model_state_dict
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
@@ -23,10 +24,14 @@ __all__ = [
     "PopulationStats",
     "__version__",
     "backward",
+    "batchnorms",
     "distributed",
     "fold",
     "forward_eval",
     "forward_train",
+    "freeze_all",
     "gradcheck",
+    "load_model_state_dict",
+    "model_state_dict",
     "precise_bn",
 ]
