@@ -24,6 +24,7 @@ MODULES = [
     "batchnorm.distributed",
     "batchnorm.renorm",
     "batchnorm._model",
+    "batchnorm.domain",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that

@@ -10,6 +10,7 @@ synchronized BatchNorm across workers (MPI or threads; mpi4py is imported only b
 
 from batchnorm import distributed, fold, gradcheck
 from batchnorm._model import batchnorms, freeze_all, load_model_state_dict, model_state_dict
+from batchnorm.domain import DomainBatchNorm
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
@@ -21,6 +22,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "BatchRenorm",
+    "DomainBatchNorm",
     "PopulationStats",
     "__version__",
     "backward",

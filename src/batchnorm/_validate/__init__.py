@@ -5,6 +5,7 @@ topic; every check is imported here, so callers write ``_validate.name``.
 """
 
 from batchnorm._validate.distributed import *  # noqa: F403
+from batchnorm._validate.domain import *  # noqa: F403
 from batchnorm._validate.kernels import *  # noqa: F403
 from batchnorm._validate.layer import *  # noqa: F403
 from batchnorm._validate.model import *  # noqa: F403
