@@ -395,8 +395,9 @@ def shuffle(x: ArrayLike, group: Group, seed: Any) -> tuple[NDArray[Any], Shuffl
         Every rank of the group must call this together.
     seed : int or sequence of int, non-negative
         The same on every rank (checked): ``numpy.random.default_rng(SeedSequence(seed))``
-        draws the permutation, so a seed gives the same order on every run. Pass for instance
-        ``(base_seed, step)`` for a new order each step.
+        draws the permutation, so a seed gives the same order on every run (with the same
+        NumPy on every rank: NumPy does not promise the same stream across its versions). Pass
+        for instance ``(base_seed, step)`` for a new order each step.
 
     Returns
     -------
