@@ -59,14 +59,36 @@ from mlp_digits import build_mlp
 from nn import Sequential
 from numpy.typing import NDArray
 
+import batchnorm as bn
+
 METHODS = ("EMA", "PreciseBN", "mini-batch")
+
+
+def build_lenet_conv(rng: np.random.Generator, momentum: float) -> Sequential:
+    """lenet_digits.py's CNN without its dense BatchNorm (the dense layer gets a bias): every
+    BatchNorm left normalizes conv features, k x H x W values per channel for k images."""
+    return Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False, rng=rng),
+        bn.BatchNorm(16, momentum=momentum),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False, rng=rng),
+        bn.BatchNorm(32, momentum=momentum),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64, rng),
+        nn.ReLU(),
+        nn.Linear(64, 10, rng),
+    )
 
 
 BUILDERS: dict[str, Callable[[np.random.Generator, float], Sequential]] = {
     "mlp": build_mlp,
     "lenet": build_lenet,
+    "lenet-conv": build_lenet_conv,
 }
-MODEL_NAMES = {"mlp": "MLP", "lenet": "LeNet"}
+MODEL_NAMES = {"mlp": "MLP", "lenet": "LeNet", "lenet-conv": "LeNet, conv BatchNorm only"}
 
 
 def build(model: str, rng: np.random.Generator, ghost: int) -> Sequential:

@@ -3,8 +3,10 @@
 Every rank holds the same model (the MLP of ``mlp_digits.py``, built from the same seed) and a
 part of each global batch: the global batch of ``--batch-size`` samples is split into
 ``size`` consecutive parts, one per rank. Each step, every rank runs forward and backward on
-its part, the weight gradients are summed over the ranks (one allgather, added in rank order),
-and every rank takes the same SGD step.
+its part, the weight gradients are summed over the ranks (``batchnorm.distributed.allreduce``:
+one allgather, added in rank order), and every rank takes the same SGD step. The loss of each
+part is its share of the mean over the GLOBAL batch (dy scaled by the global batch size), so
+the summed gradients are those of single-process training on the global batch.
 
 - With SyncBN (the default), every BatchNorm normalizes with the statistics of the whole
   global batch (``batchnorm.distributed.synchronize``), so training reproduces single-process
@@ -64,19 +66,6 @@ def my_part(idx: np.ndarray, group: Group) -> np.ndarray:
     return part
 
 
-def sum_over_ranks(group: Group, arrays: list[np.ndarray]) -> None:
-    """Replace each array by its sum over the ranks (one allgather, added in rank order)."""
-    flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
-    parts = group.allgather(flat)
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    at = 0
-    for a in arrays:
-        a[...] = total[at : at + a.size].reshape(a.shape)
-        at += a.size
-
-
 def train(
     args: argparse.Namespace, data: Digits, group: Group, report: Callable[[str], None]
 ) -> tuple[Sequential, list[float]]:
@@ -96,11 +85,11 @@ def train(
             # The loss is the mean over the global batch: weight this part by its share.
             share = np.array([len(part) / len(idx)])
             model.backward(dlogits * share)
-            pairs = list(model.parameters())
-            global_loss = loss * share
-            sum_over_ranks(group, [grad for _, grad in pairs] + [global_loss])
+            params, grads = zip(*model.parameters(), strict=True)
+            # One allgather for every gradient and the loss, added in rank order on every rank.
+            *summed, global_loss = dist.allreduce([*grads, loss * share], group)
             losses.append(float(global_loss[0]))
-            opt.step(pairs)
+            opt.step(zip(params, summed, strict=True))
         epoch_loss = np.mean(losses[-len(steps) :])
         report(f"{epoch:>5} {epoch_loss:>8.4f} {accuracy(model, data.x_test, data.y_test):>8.4f}")
     return model, losses

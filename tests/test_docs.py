@@ -25,6 +25,8 @@ MODULES = [
     "batchnorm.distributed",
     "batchnorm._groups",  # MPIGroup and thread_groups, re-exported by batchnorm.distributed
     "batchnorm.renorm",
+    "batchnorm._model",
+    "batchnorm.domain",
 ]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A fenced ```python block runs unless the line before it is this comment (for snippets that

@@ -205,7 +205,7 @@ def test_help_explains_every_option_and_states_each_default_once(script: str) ->
 
 
 def test_the_scripts_list_is_every_example() -> None:
-    assert len(SCRIPTS) == 7 and "quickstart.py" in SCRIPTS and "domain_shift.py" in SCRIPTS
+    assert len(SCRIPTS) == 9 and "quickstart.py" in SCRIPTS and "leakage.py" in SCRIPTS
 
 
 def test_seed_captions_name_a_spread_only_for_several_seeds(common: Any) -> None:

@@ -11,6 +11,8 @@ imported only by MPIGroup).
 """
 
 from batchnorm import conformance, distributed, fold, gradcheck
+from batchnorm._model import batchnorms, freeze_all, load_model_state_dict, model_state_dict
+from batchnorm.domain import DomainBatchNorm
 from batchnorm.functional import BatchNormCache, backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 from batchnorm.precise import PopulationStats, precise_bn
@@ -22,14 +24,19 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "BatchRenorm",
+    "DomainBatchNorm",
     "PopulationStats",
     "__version__",
     "backward",
+    "batchnorms",
     "conformance",
     "distributed",
     "fold",
     "forward_eval",
     "forward_train",
+    "freeze_all",
     "gradcheck",
+    "load_model_state_dict",
+    "model_state_dict",
     "precise_bn",
 ]

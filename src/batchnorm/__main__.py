@@ -32,6 +32,7 @@ Start here:
   layer = bn.BatchNorm(C); y = layer(x); layer.eval()
   bn.precise_bn(model, batches, num_batches_precise=200)
   bn.gradcheck.check_kernels(my_forward, my_backward)   # check your own kernels
+  python -m batchnorm audit torch jax onnxruntime      # a report card of other frameworks
 """
 
 

@@ -15,6 +15,8 @@ EXAMPLES: tuple[tuple[str, str], ...] = (
     ("batch_size_study.py", "accuracy against the ghost batch size (figure)"),
     ("domain_shift.py", "AdaBN: statistics recomputed on shifted digits (figure)"),
     ("distributed_digits.py", "data parallel with SyncBN (mpiexec, or --thread-ranks)"),
+    ("leakage.py", "leakage within a batch: SyncBN, shuffle BN, frozen (figure)"),
+    ("domain_stats.py", "shared against per-domain statistics on shifted digits"),
 )
 
 #: (how to write it, what it is)
@@ -25,6 +27,9 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("bn.precise_bn(model, batches)", "PreciseBN: exact population statistics"),
     ("bn.precise_bn(model, target_batches)", "AdaBN: statistics of the target domain"),
     ("bn.BatchNorm(C, group=group)", "synchronized BatchNorm over MPI ranks or threads"),
+    ("dist.shuffle(x, group, seed)", "shuffle BN: samples permuted across workers and back"),
+    ("bn.DomainBatchNorm(C, num_domains)", "domain-specific statistics: layer(x, domain=d)"),
+    ("bn.freeze_all(model)", "every BatchNorm of a model frozen (detectron2's habit)"),
 )
 
 DOCS = """\

@@ -51,27 +51,43 @@ def find_layers(model: Any) -> list[tuple[str, BatchNorm]]:
 
 def reachable(model: Any) -> list[tuple[str, BatchNorm]]:
     """Every BatchNorm reachable from model, with the path to it (``model.layers[2]``)."""
-    found: list[tuple[str, BatchNorm]] = []
+    return [(_path(steps), layer) for steps, layer in walk(model)]
+
+
+#: One step of a path: ("attr", name), ("index", i) or ("key", dict key).
+Step = tuple[str, Any]
+
+
+def walk(model: Any) -> list[tuple[tuple[Step, ...], BatchNorm]]:
+    """Every BatchNorm reachable from model, depth first, each once, with the steps to it."""
+    found: list[tuple[tuple[Step, ...], BatchNorm]] = []
     seen: set[int] = set()
-    stack: list[tuple[str, Any]] = [("model", model)]
+    stack: list[tuple[tuple[Step, ...], Any]] = [((), model)]
     while stack:
-        path, obj = stack.pop()
+        steps, obj = stack.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        children: list[tuple[str, Any]] = []
+        children: list[tuple[Step, Any]] = []
         if isinstance(obj, BatchNorm):
-            found.append((path, obj))
+            found.append((steps, obj))
         elif isinstance(obj, dict):
-            children = [(f"{path}[{key!r}]", value) for key, value in obj.items()]
+            children = [(("key", key), value) for key, value in obj.items()]
         elif isinstance(obj, list | tuple):
-            children = [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+            children = [(("index", i), value) for i, value in enumerate(obj)]
         elif hasattr(obj, "__dict__") and not isinstance(obj, _OPAQUE):
-            children = [(f"{path}.{name}", value) for name, value in vars(obj).items()]
+            children = [(("attr", name), value) for name, value in vars(obj).items()]
         # Containers and plain objects only: skip numbers, strings and arrays early.
-        children = [(p, c) for p, c in children if not _is_leaf(c)]
-        stack.extend(reversed(children))
+        stack.extend(((*steps, step), c) for step, c in reversed(children) if not _is_leaf(c))
     return found
+
+
+def _path(steps: tuple[Step, ...]) -> str:
+    marks = {"attr": "{}.{}", "index": "{}[{}]", "key": "{}[{!r}]"}
+    path = "model"
+    for kind, value in steps:
+        path = marks[kind].format(path, value)
+    return path
 
 
 def _is_leaf(obj: Any) -> bool:

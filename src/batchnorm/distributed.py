@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from batchnorm import _exchange, _validate, _walk
+from batchnorm import _exchange, _parallel, _validate, _walk
 from batchnorm._groups import MPIGroup, thread_groups
 from batchnorm.functional import BatchNormCache
 from batchnorm.layer import BatchNorm
@@ -263,3 +263,155 @@ def synchronize(model: Any, group: Group | None) -> list[BatchNorm]:
         layer.group = checked
         layer._tag = path  # the exchanges name the layer by its path: the same on every rank
     return layers
+
+
+# --- data-parallel helpers: gradients, and shuffling samples across ranks -------------------------
+
+ShuffleToken = _parallel.ShuffleToken
+
+
+def allreduce(arrays: list[ArrayLike], group: Group, average: bool = False) -> list[Any]:
+    """The sum over the ranks of each array of a list, in rank order, in ONE allgather.
+
+    Parameters
+    ----------
+    arrays : list of array_like, float16, float32 or float64
+        This rank's arrays (for instance every weight gradient after backward); every rank
+        passes the same number, each with the same shape and dtype as on the other ranks.
+    group : Group
+        Every rank of the group must call this together.
+    average : bool, default False
+        Divide each sum by ``group.size``.
+
+    Returns
+    -------
+    list of ndarray
+        New arrays (the inputs are not changed), each with its input's shape and dtype:
+        ``((a_0 + a_1) + a_2) + ...`` over the ranks, computed in float64 and then cast,
+        bitwise the same on every rank.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank when any rank passes something else than a list of float arrays, or the
+        ranks disagree on the number, shapes or dtypes of the arrays (the bad rank its own
+        error, the others an error naming it).
+
+    Notes
+    -----
+    The gradient rule for data parallelism: every rank's loss must be its share of the GLOBAL
+    batch's loss, so ``dy`` is scaled by the global batch size, not the local one. With the
+    usual mean over this rank's N_r samples, multiply its gradient by N_r / N (N = sum of
+    N_r); the sum over the ranks is then the single-process gradient of the whole batch (with
+    equal parts, ``average=True`` on the local-mean gradients gives the same). See
+    docs/distributed.md.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from batchnorm import distributed as dist
+    >>> group = dist.thread_groups(1)[0]    # one rank; threads or MPI ranks for more
+    >>> dist.allreduce([np.array([1.0, 2.0]), np.ones((2, 2), np.float32)], group)[0]
+    array([1., 2.])
+    """
+    checked = _validate.group_value(group, False)
+    return _parallel.allreduce(arrays, checked, _validate.flag(average, "average"))
+
+
+def shuffle(x: ArrayLike, group: Group, seed: Any) -> tuple[NDArray[Any], ShuffleToken]:
+    """Permute the samples (axis 0) of the whole batch across the ranks; undo with unshuffle.
+
+    The ranks' parts are concatenated in rank order into the global batch of N samples, which
+    a permutation drawn from `seed` reorders; rank r gets as many samples as it gave (its
+    N_r), the r-th run of the permuted batch. Shuffle BN (MoCo) normalizes these mixed parts
+    with per-rank BatchNorm, so that no rank's batch statistics come from samples that belong
+    together.
+
+    Parameters
+    ----------
+    x : array_like of shape (N_r, ...), float16, float32 or float64
+        This rank's samples; N_r may differ between ranks and may be 0. Every other axis and
+        the dtype are the same on every rank.
+    group : Group
+        Every rank of the group must call this together.
+    seed : int or sequence of int, non-negative
+        The same on every rank (checked): ``numpy.random.default_rng(SeedSequence(seed))``
+        draws the permutation, so a seed gives the same order on every run (with the same
+        NumPy on every rank: NumPy does not promise the same stream across its versions). Pass
+        for instance ``(base_seed, step)`` for a new order each step.
+
+    Returns
+    -------
+    x_shuffled : ndarray of shape (N_r, ...), x's dtype
+        Samples of the global batch, bitwise as they were sent.
+    token : ShuffleToken
+        For :func:`unshuffle`: the permutation (the same on every rank) and every part's size.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank when a rank's x is not a float array of at least one dimension, its
+        seed is not an int or a sequence of ints, or the ranks disagree on dtypes, on shapes
+        beyond axis 0, or on the seed (the bad rank its own error, the others one naming it).
+
+    Notes
+    -----
+    One allgather: every rank receives the whole batch, O(N) samples, as MoCo's
+    ``concat_all_gather`` does (MoCo then takes equal parts of a permutation broadcast from
+    rank 0; here every rank derives the permutation from the seed, and parts may differ).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from batchnorm import distributed as dist
+    >>> group = dist.thread_groups(1)[0]
+    >>> x = np.arange(5.0)[:, None]
+    >>> xs, token = dist.shuffle(x, group, seed=0)
+    >>> bool((xs[:, 0] == token.permutation).all())
+    True
+    >>> bool((dist.unshuffle(xs, token, group) == x).all())
+    True
+    """
+    return _parallel.shuffle(x, _validate.group_value(group, False), seed)
+
+
+def unshuffle(y: ArrayLike, token: ShuffleToken, group: Group) -> NDArray[Any]:
+    """Put the samples of a shuffled part back on their ranks, in their order: shuffle's inverse.
+
+    Parameters
+    ----------
+    y : array_like of shape (N_r, ...), float16, float32 or float64
+        One row per sample of this rank's shuffled part, in the shuffled order (for instance
+        the output of a network on it: every axis but 0 may differ from x's, the same on every
+        rank).
+    token : ShuffleToken
+        What :func:`shuffle` returned on this rank.
+    group : Group
+        The group of the shuffle; every rank must call this together.
+
+    Returns
+    -------
+    ndarray of shape (N_r, ...), y's dtype
+        Row i is the row of y (on whichever rank) computed from this rank's sample i.
+        ``unshuffle(shuffle(x)[0], token) == x`` bitwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank when a rank's token is not from its shuffle with this group, its y has
+        another number of rows than its shuffled part, or the ranks disagree on y's dtype or
+        its shape beyond axis 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from batchnorm import distributed as dist
+    >>> group = dist.thread_groups(1)[0]
+    >>> xs, token = dist.shuffle(np.arange(4.0)[:, None], group, seed=(7, 0))
+    >>> dist.unshuffle(10 * xs, token, group).ravel()
+    array([ 0., 10., 20., 30.])
+    """
+    return _parallel.unshuffle(y, token, _validate.group_value(group, False))
+
+
+__all__ += ["ShuffleToken", "allreduce", "shuffle", "unshuffle"]
