@@ -136,7 +136,8 @@ class PopulationStats:
 
     def _add(self, mean: Vector, var: Vector, count: int, mean_lo: Vector | None) -> None:
         lo = np.zeros_like(mean) if mean_lo is None else mean_lo
-        self._accumulate((count, mean, lo, var * count, np.zeros_like(var)), 1)
+        # float(count): NumPy 1.24 makes an object array of an array times a huge Python int.
+        self._accumulate((count, mean, lo, var * float(count), np.zeros_like(var)), 1)
 
     def _accumulate(self, part: _exact.Total, n: int) -> None:
         # Finite inputs can still pool to inf (means ~1e154 apart): refused, nothing changes.
@@ -169,7 +170,7 @@ class PopulationStats:
         unbiased = _validate.flag(unbiased, "unbiased")
         _validate.population_count(self.count, 2 if unbiased else 1)
         _, _, _, m2, m2_lo = self._total
-        result: Vector = (m2 + m2_lo) / (self.count - 1 if unbiased else self.count)
+        result: Vector = (m2 + m2_lo) / float(self.count - 1 if unbiased else self.count)
         return result
 
     def __repr__(self) -> str:
