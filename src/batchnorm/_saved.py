@@ -166,32 +166,37 @@ def load(
         # Each entry must have the dtype kind save() writes: a file is refused, never
         # reinterpreted (a string eps, a bool axis).
         entry = functools.partial(_validate.saved_scalar, arrays)
-        momentum = float(entry("config_momentum", "f"))
         num_features = int(entry("config_num_features", "iu"))
         for key in _validate.STATE_KEYS[:4]:
             # Check the width against the saved vectors before allocating any state.
             if key in arrays:
                 _validate.saved_width(key, arrays[key].shape, num_features)
-        # Files written before ghost batches and freezing existed hold neither entry.
-        ghost = "config_ghost_batch_size" in arrays and int(entry("config_ghost_batch_size", "iu"))
-        layer = build(
-            entry,
-            num_features,
-            eps=float(entry("config_eps", "f")),
-            momentum=None if math.isnan(momentum) else momentum,
-            affine=bool(entry("config_affine", "b")),
-            track_running_stats=bool(entry("config_track_running_stats", "b")),
-            unbiased=bool(entry("config_unbiased", "b")),
-            axis=int(entry("config_axis", "iu")),
-            ghost_batch_size=ghost or None,
-            frozen="config_frozen" in arrays and bool(entry("config_frozen", "b")),
-        )
+        layer = build(entry, num_features, **options(arrays))
         state = {k: v for k, v in arrays.items() if k in _validate.STATE_KEYS}
         layer.load_state_dict(state, strict=True)
         layer.train(bool(entry("config_training", "b")))
     except (KeyError, TypeError, ValueError) as err:
         raise _validate.saved_file(path, str(err)) from err
     return layer
+
+
+def options(arrays: dict[str, Any]) -> dict[str, Any]:
+    """A BatchNorm's constructor options from the ``config_*`` entries save() wrote, each
+    checked for the dtype kind save() gives it (KeyError, TypeError or ValueError if not)."""
+    entry = functools.partial(_validate.saved_scalar, arrays)
+    momentum = float(entry("config_momentum", "f"))
+    # Files written before ghost batches and freezing existed hold neither entry.
+    ghost = "config_ghost_batch_size" in arrays and int(entry("config_ghost_batch_size", "iu"))
+    return {
+        "eps": float(entry("config_eps", "f")),
+        "momentum": None if math.isnan(momentum) else momentum,
+        "affine": bool(entry("config_affine", "b")),
+        "track_running_stats": bool(entry("config_track_running_stats", "b")),
+        "unbiased": bool(entry("config_unbiased", "b")),
+        "axis": int(entry("config_axis", "iu")),
+        "ghost_batch_size": ghost or None,
+        "frozen": "config_frozen" in arrays and bool(entry("config_frozen", "b")),
+    }
 
 
 def _existing(path: str | os.PathLike[str]) -> str | os.PathLike[str]:

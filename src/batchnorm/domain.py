@@ -16,7 +16,6 @@ freeze_all, model_state_dict) sees the per-domain layers, named ``domains.0``, `
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -238,6 +237,7 @@ class DomainBatchNorm:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DomainBatchNorm:
         """Read a layer written by :meth:`save` (checked as :meth:`BatchNorm.load` checks)."""
+        path = _saved._existing(path)
         arrays = _saved._read_npz(path)
         if arrays.get("format") is None or str(arrays["format"]) != _FORMAT:
             raise _validate.saved_domain_file(path, f"its 'format' entry is not {_FORMAT!r}")
@@ -254,20 +254,8 @@ class DomainBatchNorm:
             for key in state_keys:  # the width, before any state is allocated
                 if not key.endswith("num_batches_tracked") and key in arrays:
                     _validate.saved_width(key, arrays[key].shape, num_features)
-            momentum = float(entry("config_momentum", "f"))
-            layer = cls(
-                num_features,
-                count,
-                shared_affine=bool(entry("config_shared_affine", "b")),
-                eps=float(entry("config_eps", "f")),
-                momentum=None if math.isnan(momentum) else momentum,
-                affine=bool(entry("config_affine", "b")),
-                track_running_stats=bool(entry("config_track_running_stats", "b")),
-                unbiased=bool(entry("config_unbiased", "b")),
-                axis=int(entry("config_axis", "iu")),
-                ghost_batch_size=int(entry("config_ghost_batch_size", "iu")) or None,
-                frozen=bool(entry("config_frozen", "b")),
-            )
+            shared = bool(entry("config_shared_affine", "b"))
+            layer = cls(num_features, count, shared_affine=shared, **_saved.options(arrays))
             layer.load_state_dict({k: arrays[k] for k in state_keys if k in arrays})
             layer.train(bool(entry("config_training", "b")))
         except (KeyError, TypeError, ValueError) as err:

@@ -8,7 +8,11 @@ mpiexec (tests/test_parallel.py launches it, with a timeout).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,23 +35,21 @@ def part_of(whole: Array, sizes: list[int], rank: int) -> Array:
     return whole[start : start + sizes[rank]]
 
 
-def same_everywhere(group: dist.Group, *arrays: Array) -> None:
-    mine = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-    parts = group.allgather(mine)
-    assert all(p.tobytes() == parts[0].tobytes() for p in parts), "ranks differ"
+def _shared_helpers() -> ModuleType:
+    """tests/mpi/checks.py, whose helpers these checks share, loaded by path (this module runs
+    under pytest and under mpiexec, with different import paths)."""
+    if "mpi_checks" not in sys.modules:
+        path = Path(__file__).resolve().parent / "checks.py"
+        spec = importlib.util.spec_from_file_location("mpi_checks", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mpi_checks"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["mpi_checks"]
 
 
-def raises_everywhere(
-    group: dist.Group, bad_rank: int, kind: type[Exception], own: str, action: Callable[[], Any]
-) -> None:
-    """action() raises `kind` on every rank: `own` in the bad rank's message, else its rank."""
-    try:
-        action()
-    except kind as err:
-        expected = own if group.rank == bad_rank else f"rank {bad_rank} of this group"
-        assert expected in str(err), (group.rank, str(err))
-    else:
-        raise AssertionError(f"rank {group.rank}: no {kind.__name__} raised")
+same_everywhere = _shared_helpers().same_everywhere
+raises_everywhere = _shared_helpers().raises_everywhere
 
 
 # --- allreduce ------------------------------------------------------------------------------------
