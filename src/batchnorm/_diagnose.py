@@ -3,8 +3,9 @@
 Each recogniser compares the wrong output with the exact one in the (C, m) view (channels
 first, every other axis flattened) and names a cause only when the error has that cause's
 exact form: a per-channel constant ratio (eps outside the square root, the unbiased variance),
-a per-channel constant or an xhat-proportional dx error (a missing term), running statistics
-that weigh the wrong side. Otherwise the cause is "" or a hint about the case's conditioning.
+a per-channel constant or an xhat-proportional dx error (a missing term; the same for the
+second derivatives gx and gdy), running statistics that weigh the wrong side. Otherwise the
+cause is "" or a hint about the case's conditioning.
 """
 
 from __future__ import annotations
