@@ -45,6 +45,34 @@ def test_our_float32_road_survives_the_public_failures():
     assert all(rows[("batchnorm", n)].passed for n in names)
 
 
+def test_our_second_derivatives_pass_and_others_are_na():
+    second = [c.name for c in cases(second_order=True, dtypes=["float32", "float64"])]
+    impls, rows = _rows("batchnorm", second)
+    assert len(rows) == len(second) >= 14
+    for r in rows.values():
+        assert r.supported and r.passed, r.case
+        assert set(r.errors) == {"gx", "ggamma", "gdy"}  # the row measures second derivatives
+        assert r.error / r.tolerance < 0.1
+        if r.dtype == "float64":
+            assert r.error == 0.0  # the reference itself
+    data = json.loads(_card.as_json(impls, list(rows.values())))
+    assert {row["output"] for row in data["batchnorm"]} <= {"gx", "ggamma", "gdy"}
+    # An implementation without second derivatives gets n/a rows, said so on the card.
+    plain = _audit.Implementation("plain", "0", frozenset({"float32"}), lambda case, inp: {})
+    na = _audit.audit([plain], cases(names=second[:1]))
+    assert not na[0].supported and na[0].cause == "no second derivatives"
+    assert "n/a (no second derivatives)" in _card.text([plain], na)
+
+
+def test_second_order_flag_runs_only_those_cases(capsys):
+    assert (
+        _cli.main(["batchnorm", "--second-order", "--quick", "--json", "--dtype", "float32"]) == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["batchnorm"]
+    assert len(rows) == len(cases(dtypes=["float32"], second_order=True)) == 8
+    assert all(r["case"].startswith("double_backward_") and r["passed"] for r in rows)
+
+
 def test_json_and_text_cards():
     impls, rows = _rows("batchnorm", ["offset_0-float32", "m2-float64"])
     data = json.loads(_card.as_json(impls, list(rows.values())))
@@ -137,6 +165,32 @@ def test_cli_json_for_torch_reports_at_least_20_cases():
     failed = {r["case"] for r in supported if not r["passed"]}
     assert {"constant_channel-float32", "huge_values-float32"} <= failed
     assert "offset_1e4-float32" not in failed
+    # The second derivatives (autograd's double backward) have rows of their own.
+    second = {r["case"]: r for r in supported if r["case"].startswith("double_backward_")}
+    assert len(second) >= 14
+    assert all(set(r["errors"]) == {"gx", "ggamma", "gdy"} for r in second.values())
+    assert set(second) - failed == set(second) - {"double_backward_huge_m-float32"}
+
+
+def test_torch_double_backward_rows():
+    pytest.importorskip("torch")
+    names = [
+        "double_backward_offset_0-float64",
+        "double_backward_offset_1e4-float64",
+        "double_backward_offset_1e2-float32",
+        "double_backward_eval_offset_1e2-float32",
+        "double_backward_huge_m-float32",
+    ]
+    _, rows = _rows("torch", names)
+    get = lambda n: rows[("torch-cpu", n)]  # noqa: E731
+    for name in names[:4]:
+        assert get(name).supported and get(name).passed, name
+    assert get("double_backward_offset_0-float64").error < 1e-14
+    # At offset 1e4 its float64 double backward loses digits (within the model's kappa).
+    assert get("double_backward_offset_1e4-float64").digits_lost > 2.0
+    # Sums over 880,801 values in float32: gdy off by about 3 digits, beyond the tolerance.
+    huge = get("double_backward_huge_m-float32")
+    assert not huge.passed and huge.output == "gdy" and huge.digits_lost > 2.5
 
 
 # --- jax / flax ----------------------------------------------------------------------------------

@@ -91,9 +91,38 @@ def specs() -> list[dict[str, Any]]:
             out.append(_spec(f"constant_1e15_strided-{dt}", (8, 4, 4, 4), dt, "constant", 1e15,
                             layout="strided_channels_last", default=False,
                             about="constant channel at 1e15 in NHWC memory"))  # fmt: skip
+    out += second_order_specs()
     if not has_bfloat16():
         out = [c for c in out if c["dtype"] != "bfloat16"]
     return out
+
+
+def second_order_specs() -> list[dict[str, Any]]:
+    """The cases of functional.double_backward (``second_order``): float32 and float64."""
+    out: list[dict[str, Any]] = []
+    for dt in ("float32", "float64"):
+        for off in (0.0, 1e2, 1e4):
+            shape = (32, 8) if off == 0.0 else (16, 4, 8, 8)
+            out.append(_spec(f"double_backward_offset_{fmt(off)}-{dt}", shape, dt, offset=off,
+                             about=f"second derivatives at offset {fmt(off)}"))  # fmt: skip
+        out += [
+            _spec(f"double_backward_5d-{dt}", (2, 3, 4, 4, 4), dt, offset=1.0,
+                  about="second derivatives, (N, C, D, H, W)"),
+            _spec(f"double_backward_channels_last_memory-{dt}", (8, 6, 5, 5), dt, offset=1.0,
+                  layout="strided_channels_last", about="second derivatives, NHWC memory"),
+            _spec(f"double_backward_constant_channel-{dt}", (8, 4, 4, 4), dt, "constant",
+                  CONSTANT[dt], about=f"second derivatives, channel 0 constant at "
+                  f"{fmt(CONSTANT[dt])}"),
+            _spec(f"double_backward_eval_offset_0-{dt}", (16, 4), dt, mode="eval",
+                  about="second derivatives with given statistics"),
+            _spec(f"double_backward_eval_offset_1e2-{dt}", (8, 4, 4, 4), dt, offset=1e2,
+                  mode="eval", about="second derivatives with given statistics at 1e2"),
+        ]  # fmt: skip
+        if dt == "float32":
+            out.append(_spec(f"double_backward_huge_m-{dt}", (880801, 2), dt, offset=10.0,
+                             default=False, about="second derivatives, 880,801 values per "
+                             "channel"))  # fmt: skip
+    return [{**spec, "second_order": True} for spec in out]
 
 
 def draw(recipe: str, shape: tuple[int, ...], offset: float, rng: np.random.Generator) -> Vector:

@@ -3,8 +3,9 @@
 Each recogniser compares the wrong output with the exact one in the (C, m) view (channels
 first, every other axis flattened) and names a cause only when the error has that cause's
 exact form: a per-channel constant ratio (eps outside the square root, the unbiased variance),
-a per-channel constant or an xhat-proportional dx error (a missing term), running statistics
-that weigh the wrong side. Otherwise the cause is "" or a hint about the case's conditioning.
+a per-channel constant or an xhat-proportional dx error (a missing term; the same for the
+second derivatives gx and gdy), running statistics that weigh the wrong side. Otherwise the
+cause is "" or a hint about the case's conditioning.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def cause(name: str, got: Any, ref: Mapping[str, Matrix], inp: CaseInputs, case:
             f"{name} holds NaN or inf: an overflow in the arithmetic (squares of large values in "
             f"{case.dtype}?) or a division by a variance of 0 (eps missing?)"
         )
-    if case.recipe == "constant" and name in ("y", "dx"):
+    if case.recipe == "constant" and name in ("y", "dx", "gx", "gdy"):
         return (
             f"channel 0 is constant at {case.offset:g}: its exact mean is that value and its "
             "exact y is beta; a mean that is not exactly the constant (rounded partial sums, "
@@ -102,8 +103,10 @@ def cause(name: str, got: Any, ref: Mapping[str, Matrix], inp: CaseInputs, case:
             found = _y_cause(a, want, inp, case)
         elif name == "dx":
             found = _dx_cause(a, want, ref, inp, case)
-        elif name in ("dgamma", "dbeta"):
+        elif name in ("dgamma", "dbeta", "ggamma"):
             found = _ratio_cause(name, a, want, case.count)
+        elif name in ("gx", "gdy"):
+            found = _second_order_cause(name, a, want, inp, case)
         else:
             found = _running_cause(name, a, want, inp)
     except (FloatingPointError, ValueError, ZeroDivisionError, np.linalg.LinAlgError):
@@ -169,26 +172,37 @@ def _y_cause(got: Matrix, want: Matrix, inp: CaseInputs, case: Case) -> str:
     )
 
 
-def _dx_cause(
-    got: Matrix, want: Matrix, ref: Mapping[str, Matrix], inp: CaseInputs, case: Case
-) -> str:
-    diff = _per_channel(got, inp.axis) - _per_channel(want, inp.axis)
+def _xhat(inp: CaseInputs, case: Case) -> Matrix:
+    """xhat per channel, (C, m), of the batch's statistics or an eval case's given ones."""
     if case.mode == "eval":
         mean, var = inp.mean, inp.var
         assert mean is not None and var is not None
     else:
         mean, var, _ = _batch_stats(inp)
-    xhat = (_per_channel(inp.x, inp.axis) - mean[:, None]) / np.sqrt(var[:, None] + inp.eps)
+    xhat: Matrix = (_per_channel(inp.x, inp.axis) - mean[:, None]) / np.sqrt(var[:, None] + inp.eps)
+    return xhat
+
+
+def _split(diff: Matrix, xhat: Matrix) -> tuple[float, float, float, float]:
+    """The size of diff and of its parts: a constant per channel, a multiple of xhat, the rest."""
     const = diff.mean(axis=1, keepdims=True)
     centred = xhat - xhat.mean(axis=1, keepdims=True)
     denom = np.maximum((centred * centred).sum(axis=1, keepdims=True), 1e-300)
     slope = (diff * centred).sum(axis=1, keepdims=True) / denom
     size = float(np.linalg.norm(diff))
-    if size == 0.0:
-        return ""
     const_part = float(np.linalg.norm(const * np.ones_like(diff)))
     slope_part = float(np.linalg.norm(slope * centred))
     residual = float(np.linalg.norm(diff - const - slope * centred))
+    return size, const_part, slope_part, residual
+
+
+def _dx_cause(
+    got: Matrix, want: Matrix, ref: Mapping[str, Matrix], inp: CaseInputs, case: Case
+) -> str:
+    diff = _per_channel(got, inp.axis) - _per_channel(want, inp.axis)
+    size, const_part, slope_part, residual = _split(diff, _xhat(inp, case))
+    if size == 0.0:
+        return ""
     if residual > 0.05 * size:
         ratio = _fit_ratio(_per_channel(got, inp.axis), _per_channel(want, inp.axis))
         if ratio is not None:
@@ -208,6 +222,31 @@ def _dx_cause(
         "the dx error is a per-channel constant plus a multiple of xhat: both batch-statistics "
         "terms of dx are wrong (mean term sum(dy)/m and xhat term sum(dy * xhat)/m)"
     )
+
+
+#: What a gx or gdy error of one form points at (docs/math.md, "Second derivatives").
+_SECOND_ORDER = {
+    ("gdy", "const"): "gdy is off by a constant per channel: the g_dbeta term, or the mean "
+    "term of backward applied to g_dx, is missing or wrong",
+    ("gdy", "slope"): "the gdy error is proportional to xhat: the g_dgamma * xhat term, or the "
+    "xhat term of backward applied to g_dx, is missing or wrong",
+    ("gx", "const"): "gx is off by a constant per channel: a mean term of the projections "
+    "dyc = P dy or uc = P g_dx is missing (in training gx sums to zero per channel)",
+    ("gx", "slope"): "the gx error is proportional to xhat: the term gamma * invstd^2 * "
+    "mean(g_dx * dyc) * xhat (x through invstd) is missing or wrong",
+}
+
+
+def _second_order_cause(name: str, got: Matrix, want: Matrix, inp: CaseInputs, case: Case) -> str:
+    diff = _per_channel(got, inp.axis) - _per_channel(want, inp.axis)
+    size, const_part, slope_part, _ = _split(diff, _xhat(inp, case))
+    if size == 0.0:
+        return ""
+    if const_part > 0.9 * size:
+        return _SECOND_ORDER[(name, "const")]
+    if slope_part > 0.9 * size:
+        return _SECOND_ORDER[(name, "slope")]
+    return ""
 
 
 def _ratio_cause(name: str, got: Matrix, want: Matrix, m: int) -> str:

@@ -27,6 +27,11 @@ output's last cancellation: 1 for y, the size of dx's terms over dx's own, and t
 dgamma and dbeta (times log2(m), the depth of a summation tree). 16-bit data are computed in
 float32 (u32 = 2^-24) with the mean allowed one rounding to x's dtype.
 
+``cases(second_order=True)`` lists the cases of second derivatives: their inputs add the
+weights g_dx, g_dgamma, g_dbeta and their reference gx, ggamma, gdy
+(:func:`batchnorm.functional.double_backward`), with S the closed form evaluated in absolute
+values over the output's size.
+
 Examples
 --------
 >>> import batchnorm as bn
@@ -49,7 +54,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from batchnorm import _catalogue, _diagnose, _validate
+from batchnorm import _catalogue, _diagnose, _second_order, _validate
 from batchnorm.functional import backward, forward_eval, forward_train
 
 __all__ = [
@@ -98,7 +103,10 @@ class CaseInputs:
     ``running_mean``/``running_var`` the running statistics before a running-statistic update,
     with ``momentum`` the weight of the OLD value (this library's convention:
     ``running = momentum * running + (1 - momentum) * batch``) and ``unbiased`` whether the
-    running variance gets m / (m - 1) times the batch variance.
+    running variance gets m / (m - 1) times the batch variance. ``g_dx`` (x's shape, dtype
+    and layout), ``g_dgamma`` and ``g_dbeta`` are the weights of dx, dgamma and dbeta of a
+    second-order case (None otherwise), as :func:`batchnorm.functional.double_backward`
+    takes them.
     """
 
     x: NDArray[Any]
@@ -113,6 +121,9 @@ class CaseInputs:
     running_var: Vector | None = None
     momentum: float | None = None
     unbiased: bool = True
+    g_dx: NDArray[Any] | None = None
+    g_dgamma: Vector | None = None
+    g_dbeta: Vector | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,11 @@ class Case:
         The running-statistic update of a "running" case, in this library's convention.
     default : bool
         Whether :func:`batchnorm.gradcheck.check_kernels` runs the case by default.
+    second_order : bool
+        A case of second derivatives: its inputs add the weights ``g_dx``, ``g_dgamma``,
+        ``g_dbeta`` and its reference ``gx``, ``ggamma``, ``gdy``, the gradients of
+        ``<g_dx, dx> + <g_dgamma, dgamma> + <g_dbeta, dbeta>`` with respect to x, gamma and
+        dy (:func:`batchnorm.functional.double_backward`).
     about : str
         What the case is for.
     """
@@ -212,6 +228,7 @@ class Case:
     unbiased: bool = True
     default: bool = True
     about: str = ""
+    second_order: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -260,19 +277,26 @@ class Case:
                 xr.mean(axis=red) + rng.uniform(1.0, 2.0, c) * xr.std(axis=red), dt
             )
             run_var = _catalogue.exact(xr.var(axis=red) * rng.uniform(2.0, 4.0, c), dt)
+        g_dx = g_dgamma = g_dbeta = None
+        if self.second_order:
+            g_dx, g_dgamma, g_dbeta = _second_order.weights(self.shape, dt, rng)
         if axis == -1:
             x, dy = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
+            g_dx = None if g_dx is None else np.moveaxis(g_dx, 1, -1)
         x = _catalogue.lay_out(np.ascontiguousarray(x), self.layout)
         dy = np.ascontiguousarray(dy)
+        if g_dx is not None:
+            g_dx = _catalogue.lay_out(np.ascontiguousarray(g_dx), self.layout)
         return CaseInputs(
             x, gamma, beta, dy, eps, axis, mean, var, run_mean, run_var, self.momentum,
-            self.unbiased,
+            self.unbiased, g_dx, g_dgamma, g_dbeta,
         )  # fmt: skip
 
     def reference(self, inputs: CaseInputs) -> dict[str, NDArray[Any]]:
         """The exact answers: this library's float64 kernels on the case's (rounded) inputs.
 
-        Keys: y, dx, dgamma, dbeta, and running_mean, running_var for a "running" case.
+        Keys: y, dx, dgamma, dbeta, and running_mean, running_var for a "running" case, and
+        gx, ggamma, gdy for a second-order one.
         """
         x = np.asarray(inputs.x, dtype=np.float64)
         dy = np.asarray(inputs.dy, dtype=np.float64)
@@ -285,6 +309,9 @@ class Case:
         dx, dgamma, dbeta = backward(dy, cache)
         assert dgamma is not None and dbeta is not None
         ref: dict[str, NDArray[Any]] = {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
+        if inputs.g_dx is not None:
+            assert inputs.g_dgamma is not None and inputs.g_dbeta is not None
+            ref |= _second_order.reference(inputs.g_dx, inputs.g_dgamma, inputs.g_dbeta, dy, cache)
         if self.mode == "running":
             assert inputs.running_mean is not None and inputs.running_var is not None
             mom, m = float(inputs.momentum or 0.0), cache.count
@@ -334,6 +361,9 @@ class Case:
             tol[name] = base * cond
         if self.mode == "running":
             tol["running_mean"] = tol["running_var"] = base
+        if inputs.g_dx is not None:  # second derivatives: the same base, their own S
+            conds = _second_order.conditions(self.training, inputs, reference)
+            tol |= {name: base * cond for name, cond in conds.items()}
         return tol
 
     def check(self, outputs: Mapping[str, Any], inputs: CaseInputs | None = None) -> CaseResult:
@@ -386,6 +416,7 @@ def cases(
     modes: Iterable[str] | None = None,
     names: Iterable[str] | None = None,
     extended: bool = False,
+    second_order: bool = False,
 ) -> list[Case]:
     """The catalogue of conformance cases.
 
@@ -402,6 +433,9 @@ def cases(
         Add the slow and the beyond-the-textbook cases: offsets 1e1 to 1e6 (1e8 in float64),
         a constant channel at 1e10 (1e15 in float64, channels-last memory), float32 data
         whose squares overflow (|x| ~ 1e30) and the 880,801-row batch.
+    second_order : bool, default False
+        The cases of second derivatives instead (``double_backward_*``, float64 and float32,
+        training and eval): see :attr:`Case.second_order`.
 
     Returns
     -------
@@ -429,6 +463,7 @@ def cases(
             c
             for c in catalogue
             if c.dtype in wanted
+            and c.second_order == second_order
             and (keep_modes is None or c.mode in keep_modes)
             and (extended or c.default)
         ),

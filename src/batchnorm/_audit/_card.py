@@ -21,17 +21,19 @@ def text(impls: Sequence[Implementation], rows: Sequence[Row]) -> str:
         out.append(f"== {impl.name} ({impl.version})")
         if impl.conventions:
             out.append(f"   conventions mapped: {impl.conventions}")
+        width = max([30, *(len(r.case) for r in mine)])
         out.append(
-            f"{'case':<30} {'dtype':<8} {'output':<12} {'error':>9} {'tolerance':>9} "
+            f"{'case':<{width}} {'dtype':<8} {'output':<12} {'error':>9} {'tolerance':>9} "
             f"{'err/tol':>8} {'digits lost':>11}  ok"
         )
         for r in mine:
             if not r.supported:
-                out.append(f"{r.case:<30} {r.dtype:<8} n/a (not expressible in {impl.name})")
+                why = r.cause or f"not expressible in {impl.name}"
+                out.append(f"{r.case:<{width}} {r.dtype:<8} n/a ({why})")
                 continue
             ratio = r.error / r.tolerance if r.tolerance else math.inf
             out.append(
-                f"{r.case:<30} {r.dtype:<8} {r.output:<12} {r.error:9.2e} {r.tolerance:9.2e} "
+                f"{r.case:<{width}} {r.dtype:<8} {r.output:<12} {r.error:9.2e} {r.tolerance:9.2e} "
                 f"{ratio:8.2g} {r.digits_lost:11.1f}  {'yes' if r.passed else 'NO'}"
             )
         failed = [r for r in mine if r.supported and not r.passed]

@@ -15,11 +15,13 @@ DESCRIPTION = """\
 Run BatchNorm implementations on the conformance cases of batchnorm.conformance and print a
 report card: for each case the worst output's normwise error against this library's float64
 kernels, its tolerance (unit roundoff x growth factor x the case's conditioning), pass or fail,
-and the decimal digits lost beyond the dtype's rounding. Implementations: torch (CPU, and CUDA
-when present), jax (flax.linen.BatchNorm with its defaults, and with use_fast_variance=False),
-onnxruntime (a one-node BatchNormalization model), batchnorm (this library's float32/float16
-roads). Each needs its package; conventions (momentum side, running variance, eps, layout) are
-mapped to this library's. docs/conformance.md explains the model and the results.
+and the decimal digits lost beyond the dtype's rounding. Implementations: torch (CPU, and
+CUDA when present), jax (flax.linen.BatchNorm with its defaults, and with
+use_fast_variance=False), onnxruntime (a one-node BatchNormalization model), batchnorm (this
+library's float32/float16 roads). The double_backward_* cases measure second derivatives (gx,
+ggamma, gdy): torch's autograd double backward and functional.double_backward; n/a for jax
+and onnxruntime. Each needs its package; conventions (momentum side, running variance, eps,
+layout) are mapped to this library's. docs/conformance.md explains the model and the results.
 """
 
 
@@ -46,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the default cases only (no offset sweep, 880,801-row batch or overflow cases)",
     )
+    p.add_argument(
+        "--second-order",
+        action="store_true",
+        help="only the second-derivative cases (double_backward_*: gx, ggamma, gdy)",
+    )
     return p
 
 
@@ -57,10 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             pyplot = _pyplot()
         impls = implementations(args.implementations)
+        orders = [True] if args.second_order else [False, True]
         chosen = (
             cases(names=args.case)
             if args.case
-            else cases(dtypes=args.dtype, extended=not args.quick)
+            else [
+                case
+                for order in orders
+                for case in cases(dtypes=args.dtype, extended=not args.quick, second_order=order)
+            ]
         )
     except (ImportError, ValueError) as exc:
         print(f"python -m batchnorm audit: {exc}", file=sys.stderr)

@@ -4,8 +4,11 @@ Each framework has one small module that builds :class:`Implementation` objects:
 dtypes it takes, the eps it really applies, and ``run(case, inputs)``, which maps this
 library's conventions to the framework's (momentum side, running variance, layout) and returns
 the outputs it can compute, or None for a case it cannot express (PyTorch has no biased running
-variance, flax no unbiased one). :func:`audit` runs them on the cases and gives one
-:class:`Row` per (implementation, case). ``python -m batchnorm audit`` is the command line.
+variance, flax no unbiased one). On a second-order case (``Case.second_order``) ``run``
+returns gx, ggamma and gdy only, so the row measures the second derivatives; an implementation
+without them (``second_order=False``) gets an n/a row. :func:`audit` runs them on the cases
+and gives one :class:`Row` per (implementation, case). ``python -m batchnorm audit`` is the
+command line.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Implementation:
     conventions: str = ""
     #: eps and momentum are float32 attributes (ONNX): the reference uses them rounded so.
     float32_attributes: bool = False
+    #: run computes gx, ggamma, gdy of the second-order cases (else their rows are n/a).
+    second_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,11 @@ class Row:
 
 def audit(impls: Sequence[Implementation], chosen: Sequence[Case] | None = None) -> list[Row]:
     """Run each implementation on each case it takes: one Row per pair, in order."""
-    catalogue = cases(extended=True) if chosen is None else list(chosen)
+    catalogue = (
+        cases(extended=True) + cases(extended=True, second_order=True)
+        if chosen is None
+        else list(chosen)
+    )
     rows = []
     for impl in impls:
         for case in catalogue:
@@ -109,6 +118,8 @@ def _row(impl: Implementation, case: Case) -> Row:
         momentum = None if inp.momentum is None else float(np.float32(inp.momentum))
         inp = replace(inp, eps=float(np.float32(inp.eps)), momentum=momentum)
     head = (impl.name, case.name, case.dtype, case.mode, case.offset)
+    if case.second_order and not impl.second_order:
+        return Row(*head, supported=False, passed=True, cause="no second derivatives")
     outputs = impl.run(case, inp)
     if outputs is None:
         return Row(*head, supported=False, passed=True)

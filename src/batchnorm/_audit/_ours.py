@@ -1,4 +1,5 @@
-"""This library's own float32 and float16 roads (float64 is the reference itself)."""
+"""This library's own float32 and float16 roads (float64 is the reference itself), and its
+second derivatives (functional.double_backward) on the second-order cases."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import batchnorm
 from batchnorm._audit._core import Implementation
 from batchnorm.conformance import Case, CaseInputs
-from batchnorm.functional import backward, forward_eval, forward_train
+from batchnorm.functional import backward, double_backward, forward_eval, forward_train
 from batchnorm.layer import BatchNorm
 
 
@@ -23,6 +24,7 @@ def implementations() -> list[Implementation]:
             frozenset({"float64", "float32", "float16"}),
             _run,
             conventions="this library: the reference conventions",
+            second_order=True,
         )
     ]
 
@@ -34,6 +36,10 @@ def _run(case: Case, inp: CaseInputs) -> dict[str, Any]:
         y, cache = forward_eval(inp.x, inp.gamma, inp.beta, inp.mean, inp.var, **kw)
     else:
         y, cache = forward_train(inp.x, inp.gamma, inp.beta, **kw)
+    if case.second_order:
+        assert inp.g_dx is not None
+        gx, ggamma, gdy = double_backward(inp.g_dx, inp.g_dgamma, inp.g_dbeta, inp.dy, cache)
+        return {"gx": gx, "ggamma": ggamma, "gdy": gdy}
     dx, dgamma, dbeta = backward(inp.dy, cache)
     out: dict[str, Any] = {"y": y, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
     if case.mode == "running":

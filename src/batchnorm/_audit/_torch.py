@@ -3,7 +3,9 @@
 Conventions mapped: PyTorch's momentum weighs the NEW value (ours 0.9 is its 0.1), its running
 variance is always the unbiased one (a biased case is not supported), channels at axis 1 and
 x passed with its strides (channels-last memory is PyTorch's channels_last format). Gradients
-come from autograd.
+come from autograd; on a second-order case, from autograd's double backward: the gradients of
+y with ``create_graph=True``, then those of ``<g_dx, dx> + <g_dgamma, dgamma> + <g_dbeta,
+dbeta>`` with respect to x, weight and dy (PyTorch's ``batchnorm_double_backward``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def implementations() -> list[Implementation]:
             _DTYPES,
             _runner(torch, device),
             conventions="momentum -> 1 - momentum; running_var always unbiased",
+            second_order=True,
         )
         for device in devices
     ]
@@ -59,6 +62,8 @@ def _runner(torch: Any, device: str) -> Any:
         y = torch.nn.functional.batch_norm(
             x, rm, rv, w, b, training=case.mode != "eval", momentum=momentum, eps=inp.eps
         )
+        if case.second_order:
+            return _double_backward(torch, y, x, w, b, inp, device)
         y.backward(_tensor(torch, inp.dy, device))
         out = {
             "y": _array(torch, y, inp.x.dtype),
@@ -72,6 +77,30 @@ def _runner(torch: Any, device: str) -> Any:
         return out
 
     return run
+
+
+def _double_backward(
+    torch: Any, y: Any, x: Any, w: Any, b: Any, inp: CaseInputs, device: str
+) -> dict[str, Any]:
+    """gx, ggamma, gdy by autograd through autograd (all tensors in x's dtype)."""
+    assert inp.g_dx is not None and inp.g_dgamma is not None and inp.g_dbeta is not None
+    dy = _tensor(torch, inp.dy, device).detach().requires_grad_(True)
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], dy, create_graph=True)
+
+    def weight(v: np.ndarray[Any, Any]) -> Any:
+        return torch.tensor(v, dtype=x.dtype, device=device)
+
+    total = (
+        (_tensor(torch, inp.g_dx, device) * dx).sum()
+        + (weight(inp.g_dgamma) * dw).sum()
+        + (weight(inp.g_dbeta) * db).sum()
+    )
+    gx, ggamma, gdy = torch.autograd.grad(total, [x, w, dy])
+    return {
+        "gx": _array(torch, gx, inp.x.dtype),
+        "ggamma": _array(torch, ggamma, None),
+        "gdy": _array(torch, gdy, inp.x.dtype),
+    }
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype[Any]) -> Any:
