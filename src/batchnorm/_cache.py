@@ -13,7 +13,7 @@ Array = NDArray[np.floating[Any]]
 Vector = NDArray[np.float64]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(frozen=True, eq=False, repr=False, init=False)
 class BatchNormCache:
     """What the backward stages need from one forward call, and the statistics it used.
 
@@ -67,6 +67,19 @@ class BatchNormCache:
     _resid: Vector
     # Whether (P, C, S) was taken channels-last (_layout.pcs), so that dx keeps x's layout.
     _moved: bool
+
+    def __init__(
+        self, mean: Vector, var: Vector, count: int, invstd: Vector, training: bool, eps: float,
+        axis: int, shape: tuple[int, ...], dtype: np.dtype[Any], gamma: Vector | None,
+        has_beta: bool, _data: Array | None, _shift: Vector, _resid: Vector, _moved: bool,
+    ) -> None:  # fmt: skip
+        # The generated __init__ of a frozen dataclass sets the 15 fields one by one through
+        # object.__setattr__: twice the time of this, a few us of every small training step.
+        self.__dict__.update(
+            mean=mean, var=var, count=count, invstd=invstd, training=training, eps=eps,
+            axis=axis, shape=shape, dtype=dtype, gamma=gamma, has_beta=has_beta, _data=_data,
+            _shift=_shift, _resid=_resid, _moved=_moved,
+        )  # fmt: skip
 
     @property
     def mean_lo(self) -> Vector:

@@ -97,7 +97,7 @@ def centred_moments(
     var = _dot(data, data)
     var /= count
     if x3.dtype != _F64:  # float32 values: the float64 mean is exact to far below their ulp
-        return data, shift, np.zeros_like(shift), var
+        return data, shift, np.zeros(len(shift)), var
     # The two-pass algorithm with its correction term: resid is what rounding left of the mean.
     resid = _sum(data)
     resid /= count
@@ -121,13 +121,12 @@ def scale_shift(a: Array, scale: Vector, offset: Vector | None, dtype: np.dtype[
     if a.size > LEAN_VALUES:
         cdt = np.promote_types(a.dtype, np.float32)  # float16 is computed in float32
         return _stream.scale_shift(_stream.contiguous(a, cdt), scale, offset, dtype)
-    out = np.multiply(a, scale[:, None], dtype=_F64)
-    if offset is None:
-        return out.astype(dtype, copy=False)
-    if dtype == _F64:
+    # Same-dtype float64 passes and one cast at the end: NumPy's mixed-dtype loops (casting
+    # as they go) cost twice as much at this size.
+    out = np.multiply(a if a.dtype == _F64 else a.astype(_F64), scale[:, None])
+    if offset is not None:
         out += offset[:, None]
-        return out
-    return np.add(out, offset[:, None], out=np.empty(out.shape, dtype), casting="same_kind")
+    return out.astype(dtype, copy=False)
 
 
 def normalize_eval(
@@ -157,7 +156,7 @@ def sums(dy3: Array, data: Array, ref: Vector, *, centred: bool) -> tuple[Vector
     if data.size <= LEAN_VALUES:
         if not centred:
             data = data - ref[:, None]
-            ref = np.zeros_like(ref)
+            ref = np.zeros(len(ref))
         sum_dy = _sum(dy3)
         return sum_dy, _dot(dy3, data) - ref * sum_dy
     if centred:
@@ -183,24 +182,23 @@ def train_dx(
     # = data * (a * b1) + dy * a + a * c1: per-channel products first, then three passes.
     dx = np.multiply(data, (a * b1)[:, None])
     dx += (a * c1)[:, None]
-    if dtype == _F64:
-        dx += dy3 * a[:, None]
-        return dx
-    return np.add(dx, dy3 * a[:, None], out=np.empty(dx.shape, dtype), casting="same_kind")
+    dx += dy3 * a[:, None]
+    return dx.astype(dtype, copy=False)
 
 
 def _sum(a: Array) -> Vector:
-    """Per-channel sum of a small (P, C, S) float64 array: one BLAS product over P."""
+    """Per-channel sum of a small (P, C, S) float64 array: BLAS products with ones vectors,
+    over P and then over S (np.dot: less per call than matmul or a ufunc's reduce)."""
     p, c, s = a.shape
     if not p:
         return np.zeros(c)
-    total: Vector = _stream.ones(p, _F64) @ a.reshape(p, c * s)
-    return total if s == 1 else total.reshape(c, s).sum(axis=1)
+    total: Vector = np.dot(_stream.ones(p, _F64), a.reshape(p, c * s))
+    return total if s == 1 else np.dot(total.reshape(c, s), _stream.ones(s, _F64))
 
 
 def _dot(a: Array, b: Array) -> Vector:
     """Per-channel sum of a * b for small (P, C, S) float64 arrays."""
-    if a.shape[2] == 1 and a.shape[1] < 64:  # narrow rows: BLAS beats einsum's loop
+    if a.shape[2] == 1:  # rows of channels: BLAS beats einsum's loop
         return _sum(a * b)
     total: Vector = np.einsum("pcs,pcs->c", a, b)
     return total

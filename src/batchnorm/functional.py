@@ -326,7 +326,7 @@ def forward_eval(
                                      xa.dtype, keep=g is not None)  # fmt: skip
     cache = BatchNormCache(
         mu, sigma2, count, invstd, False, eps_f, ax, xa.shape, xa.dtype, g, b is not None,
-        _data=data, _shift=np.zeros_like(mu), _resid=mu, _moved=moved,
+        _data=data, _shift=np.zeros(len(mu)), _resid=mu, _moved=moved,
     )  # fmt: skip
     return _layout.restore(y, xa.shape, ax, moved), cache
 
@@ -586,7 +586,9 @@ def _input(dy3: Array, cache: BatchNormCache, sum_dy: Any, sum_dy_xhat: Any) -> 
         # dx = a * dy + b * data + c with b = a * b1, c = a * c1 (docs/math.md).
         assert cache._data is not None
         m = cache.count
-        b1 = -cache.invstd * sum_dy_xhat / m
-        c1 = -sum_dy / m - b1 * cache._resid
+        b1 = cache.invstd * sum_dy_xhat
+        b1 /= -m  # in place, and dividing by -m: the values of the textbook order, fewer calls
+        c1 = sum_dy / -m
+        c1 -= b1 * cache._resid
         dx3 = _layout.train_dx(cache._data, dy3, a, b1, c1, cache.dtype)
     return _layout.restore(dx3, cache.shape, cache.axis, cache._moved)
