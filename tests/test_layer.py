@@ -150,6 +150,7 @@ def test_no_affine_and_no_tracking_have_none() -> None:
         ({"num_features": 2, "axis": np.int32(3)}, ("axis", 3)),
     ],
 )
+@pytest.mark.filterwarnings("ignore:momentum=:UserWarning")  # momentum=0: accepted, with a warning
 def test_constructor_accepts(kwargs: dict[str, Any], accepted: tuple[str, Any]) -> None:
     layer = bn.BatchNorm(**kwargs)
     name, value = accepted
