@@ -39,16 +39,21 @@ def layer_snapshot(layer: bn.BatchNorm, *, gradients: bool = True) -> dict[str, 
     return {name: raw(getattr(layer, name)) for name in names}
 
 
-def examples_nn() -> ModuleType:
-    """examples/nn.py (not part of the package), loaded by path once per test session."""
-    if "examples_nn" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "examples" / "nn.py"
-        spec = importlib.util.spec_from_file_location("examples_nn", path)
+def load_module(name: str, path: Path) -> ModuleType:
+    """The Python file at `path` (a script, a check module: not importable by name), loaded
+    once per test session as module `name`."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules["examples_nn"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["examples_nn"]
+    return sys.modules[name]
+
+
+def examples_nn() -> ModuleType:
+    """examples/nn.py (not part of the package)."""
+    return load_module("examples_nn", Path(__file__).resolve().parents[1] / "examples" / "nn.py")
 
 
 def param_shape(ndim: int, axis: int) -> list[int]:

@@ -8,11 +8,11 @@ benchmarks/calibrate_conformance.py fails them in float32 alone.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_module
 
 import batchnorm as bn
 from batchnorm import conformance
@@ -23,16 +23,7 @@ CALIBRATE = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_conf
 HAS_BF16 = importlib.util.find_spec("ml_dtypes") is not None
 
 
-def _load_calibration():
-    spec = importlib.util.spec_from_file_location("calibrate_conformance", CALIBRATE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cal = _load_calibration()
+cal = load_module("calibrate_conformance", CALIBRATE)
 
 
 def _float32(report):

@@ -7,34 +7,23 @@ ranks. Here each rank is a thread of this process.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import load_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm import distributed as dist
 
-
-def _load_checks() -> ModuleType:
-    path = Path(__file__).resolve().parent / "mpi" / "checks.py"
-    spec = importlib.util.spec_from_file_location("distributed_checks", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load_checks()
+checks = load_module("distributed_checks", Path(__file__).resolve().parent / "mpi" / "checks.py")
 # Ranks with fewer batches than asked warn (checked below); the checks give them few on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:precise_bn. asked for:UserWarning")
 

@@ -6,29 +6,18 @@ MPI ranks. Here each rank is a thread with a fresh group whose allgather waits 3
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import load_module
 
 import batchnorm as bn
 from batchnorm import distributed as dist
 
-
-def _load_faults() -> ModuleType:
-    path = Path(__file__).resolve().parent / "mpi" / "faults.py"
-    spec = importlib.util.spec_from_file_location("distributed_faults", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-faults = _load_faults()
+faults = load_module("distributed_faults", Path(__file__).resolve().parent / "mpi" / "faults.py")
 TIMEOUT = 3.0
 
 

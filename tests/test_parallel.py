@@ -7,28 +7,15 @@ computes on the whole; here they run on threads of this process, and under mpiex
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
+from helpers import load_module
 from test_distributed import run_ranks
 from test_distributed_mpi import MPI_DIR, run_mpi
 
 from batchnorm import distributed as dist
 
-
-def _load_checks() -> ModuleType:
-    path = Path(__file__).resolve().parent / "mpi" / "parallel_checks.py"
-    spec = importlib.util.spec_from_file_location("parallel_checks", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _load_checks()
+checks = load_module("parallel_checks", MPI_DIR / "parallel_checks.py")
 
 
 @pytest.mark.parametrize(

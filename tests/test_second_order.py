@@ -9,11 +9,11 @@ same closed form with one term left out fails in float32 alone.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_module
 
 import batchnorm as bn
 from batchnorm import functional as F
@@ -23,16 +23,7 @@ SECOND = cases(second_order=True)
 CALIBRATE = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_double_backward.py"
 
 
-def _load_calibration():
-    spec = importlib.util.spec_from_file_location("calibrate_double_backward", CALIBRATE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cal = _load_calibration()
+cal = load_module("calibrate_double_backward", CALIBRATE)
 closed_form, ours = cal.closed_form, cal.ours
 
 
