@@ -163,18 +163,15 @@ def forward_train(
         if num_features is not None:
             xa = _validate.layer_input(xa, num_features, axis)
         ax = _validate.channel_axis(xa.shape, axis)
-        _validate.eps_value(eps)
-        c = xa.shape[ax]
-        for value, name in ((gamma, "gamma"), (beta, "beta")):
-            if value is not None:
-                _validate.per_channel(value, name, c)
+        checked = (*F._affine(gamma, beta, xa.shape[ax]), _validate.eps_value(eps))
         found, kept = F._measure(xa, ax)  # stage 1, keeping the centred part for stage 3
         _validate.finite_statistics(found.mean, found.var, "nothing was changed on any rank")
+        c = xa.shape[ax]
         payload = np.concatenate(([c, found.count], found.mean, found.var, found.mean_lo))
-        return (xa, ax, kept), payload
+        return (xa, ax, kept, checked), payload
 
     sign = _fingerprint.of_input(x, axis, num_features, tag)
-    (xa, ax, kept), parts = gather(group, local, "the synchronized forward pass", sign)
+    (xa, ax, kept, checked), parts = gather(group, local, "the synchronized forward pass", sign)
     c = widths(parts, "the synchronized forward pass")
     counts = [int(part[1]) for part in parts]
     table = np.array(parts)[:, 2:].reshape(len(parts), 3, c)  # (ranks, [mean, var, lo], C)
@@ -184,7 +181,8 @@ def forward_train(
         raise _validate.group_batch(counts)
     # Finite parts can still pool to inf; every rank sees the same result and raises alike.
     _validate.finite_statistics(stats.mean, stats.var, "nothing was changed on any rank")
-    return F._finish(kept, xa, ax, gamma, beta, eps, stats)
+    g, b, eps_f = checked
+    return F._finish(kept, xa, ax, g, b, eps_f, stats)
 
 
 def backward(

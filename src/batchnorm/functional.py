@@ -264,16 +264,16 @@ def _measure(xa: Array, ax: int) -> tuple[Moments, _Centred | None]:
 
 @propagating
 def _finish(
-    part: _Centred | None, xa: Array, ax: int, gamma: Any, beta: Any, eps: float, stats: Moments
+    part: _Centred | None, xa: Array, ax: int, g: Any, b: Any, eps: float, stats: Moments
 ) -> tuple[Array, BatchNormCache]:
-    """Stage 3 of :func:`_measure`'s part with the whole batch's statistics: the same result
-    as ``forward_train(x, gamma, beta, eps=eps, axis=ax, stats=stats)``."""
+    """Stage 3 of :func:`_measure`'s part with the whole batch's statistics, for gamma, beta
+    and eps already checked (:func:`_affine`): the same result as ``forward_train(x, g, b,
+    eps=eps, axis=ax, stats=stats)``."""
     if part is None:
-        return forward_train(xa, gamma, beta, eps=eps, axis=ax, stats=stats)
-    g, b = _affine(gamma, beta, xa.shape[ax])
+        return forward_train(xa, g, b, eps=eps, axis=ax, stats=stats)
     mean, var, count = stats
     resid = (mean - part.shift) + stats.mean_lo  # the shift lies near the mean: exact
-    return _normalize(part, mean, var, count, resid, g, b, _validate.eps_value(eps))
+    return _normalize(part, mean, var, count, resid, g, b, eps)
 
 
 @propagating
