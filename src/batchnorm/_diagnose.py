@@ -166,10 +166,7 @@ def _y_cause(got: Matrix, want: Matrix, inp: CaseInputs, case: Case) -> str:
         if _matches(ratio, cand):
             return text
     worst = float(np.max(np.abs(ratio - 1.0)))
-    return (
-        f"y is off by a constant factor per channel (up to {worst:.2g} relative): the scale "
-        "1 / sqrt(var + eps) or gamma is wrong"
-    )
+    return f"y is off by a constant factor per channel (up to {worst:.2g} relative): {_SCALE}"
 
 
 def _xhat(inp: CaseInputs, case: Case) -> Matrix:
@@ -206,7 +203,7 @@ def _dx_cause(
     if residual > 0.05 * size:
         ratio = _fit_ratio(_per_channel(got, inp.axis), _per_channel(want, inp.axis))
         if ratio is not None:
-            return "dx is off by a constant factor per channel: gamma * invstd is wrong"
+            return f"dx is off by a constant factor per channel: {_SCALE}"
         return ""
     if const_part > 0.9 * size:
         return (
@@ -247,6 +244,12 @@ def _second_order_cause(name: str, got: Matrix, want: Matrix, inp: CaseInputs, c
     if slope_part > 0.9 * size:
         return _SECOND_ORDER[(name, "slope")]
     return ""
+
+
+_SCALE = (
+    "the scale gamma / sqrt(var + eps) is wrong, or the variance lost precision (squares summed "
+    "in the input's dtype over many values: accumulate in float64)"
+)
 
 
 def _ratio_cause(name: str, got: Matrix, want: Matrix, m: int) -> str:
