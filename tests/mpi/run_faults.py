@@ -14,6 +14,10 @@ forward and backward; rank 0, waiting in backward, raises a TimeoutError (``rais
 the message and that its layer is unchanged, then exits 0) or aborts the job (``abort``).
 With ``--stuck`` the last rank blocks in a ``Barrier`` of its own instead of exiting, as a
 rank that went on to the rest of its step would: then only an abort ends the job.
+
+``--stderr-dir DIR`` writes each rank's stderr to ``DIR/rank<r>.err``: when a rank aborts, the
+process manager may end the job before it has forwarded what the ranks printed, so a check of
+the abort message reads it from these files.
 """
 
 from __future__ import annotations
@@ -91,7 +95,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--report", action="store_true", help="print what each rank saw, and when")
     p.add_argument("--exit", choices=["raise", "abort"])
     p.add_argument("--stuck", action="store_true", help="with --exit: block instead of exiting")
+    p.add_argument("--stderr-dir", help="write each rank's stderr to DIR/rank<r>.err")
     args = p.parse_args(argv)
+    if args.stderr_dir:
+        path = f"{args.stderr_dir}/rank{MPI.COMM_WORLD.Get_rank()}.err"
+        sys.stderr = open(path, "w", buffering=1)  # noqa: SIM115 - open until the process ends
     if args.exit:
         return run_exit(args.exit, args.timeout, args.stuck)
     return run_faults(args.names, args.timeout, args.report)
