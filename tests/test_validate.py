@@ -156,6 +156,14 @@ def test_per_channel_must_be_finite(name, bad_value):
         _eval(**{name: vec})
 
 
+@pytest.mark.parametrize("name", ["gamma", "beta", "mean", "var"])
+def test_per_channel_values_whose_squares_overflow_are_finite(name):
+    # The finiteness check sums squares first; an overflow there must not reject the vector.
+    vec = np.array([1e200, 3e200, 2.0])
+    y, _ = _eval(**{name: vec})
+    assert y.shape == X.shape
+
+
 def test_negative_variance_in_eval():
     with pytest.raises(
         ValueError, match=r"var must be >= 0 \(it is a variance\); channels \[0, 2\]"

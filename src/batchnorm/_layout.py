@@ -34,12 +34,22 @@ _R = TypeVar("_R")
 # faster up to about this size (python benchmarks/bench.py --crossover; docs/performance.md).
 LEAN_VALUES = 1 << 13
 _F64 = np.dtype(np.float64)
+# NumPy's own errstate.__call__ (newer NumPy 2 releases) keeps each call's state apart;
+# the one inherited from contextlib.ContextDecorator shares the errstate object between calls.
+_ERRSTATE_DECORATES_SAFELY = "__call__" in vars(np.errstate)
 
 
 def propagating(kernel: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run a kernel with NumPy's "invalid value" and "overflow" warnings silenced: NaN and inf
     in the input propagate to the output by design (callers such as BatchNorm check the
-    statistics), so those warnings would only be noise. A new errstate per call is thread-safe."""
+    statistics), so those warnings would only be noise.
+
+    Where NumPy's errstate decorates thread-safely (its own ``__call__``, which keeps each
+    call's state in a context variable) it costs half a ``with`` block per call; elsewhere
+    each call enters a new errstate."""
+    if _ERRSTATE_DECORATES_SAFELY:
+        silenced: Callable[_P, _R] = np.errstate(invalid="ignore", over="ignore")(kernel)
+        return silenced
 
     @functools.wraps(kernel)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:

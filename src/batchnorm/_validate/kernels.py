@@ -80,6 +80,8 @@ def channel_axis(shape: tuple[int, ...], axis: Any, name: str = "x") -> int:
 
 def axis_value(axis: Any) -> int:
     """Check that axis is an int (not a bool) and return it."""
+    if type(axis) is int:  # the common case, without the slower ABC check
+        return axis
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(
             f"axis must be an int (1 for (N, C, ...), -1 for channels-last); got {axis!r}."
@@ -89,6 +91,8 @@ def axis_value(axis: Any) -> int:
 
 def eps_value(eps: Any) -> float:
     """Check that eps is a finite float > 0 and return it as a float."""
+    if type(eps) is float and eps > 0.0 and math.isfinite(eps):  # the common case, fast
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a positive float such as 1e-5; got {eps!r}.")
     value = float(eps)
@@ -118,8 +122,9 @@ def per_channel(
             f"{arr.shape}. Check that num_features / the channel axis match your data."
         )
     out = arr.astype(np.float64, copy=True)
-    if not np.isfinite(out).all():
-        bad = np.flatnonzero(~np.isfinite(out))
+    finite = np.isfinite(out)
+    if np.count_nonzero(finite) < out.size:  # half the time of finite.all() at this size
+        bad = np.flatnonzero(~finite)
         raise ValueError(
             f"{name} must be finite; channels {channel_list(bad)} hold NaN or inf. "
             "Check where these values came from before normalizing with them."
