@@ -158,3 +158,34 @@ def test_compare_runs_against_an_earlier_version() -> None:
     assert re.search(
         r"\(8, 4\)\s+before\s+\d+ us\s+step \d+\.\d\d\s+forward \d+\.\d\d", result.stdout
     )
+
+
+def test_lean_dtype_steps_compute_the_library_step() -> None:
+    # benchmarks/lean_dtype.py times two bare versions of the small road's step: both must
+    # compute what the library does, to float32 rounding.
+    sys.path.insert(0, str(BENCH.parent))  # lean_dtype imports bench as a sibling module
+    try:
+        lean = load_module("lean_dtype", BENCH.with_name("lean_dtype.py"))
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    rng = np.random.default_rng(1)
+    x, dy = (rng.standard_normal((64, 32)).astype(np.float32) for _ in range(2))
+    g, b = rng.uniform(0.5, 1.5, 32), rng.standard_normal(32)
+    y_ref, dx_ref = lean.library_step(x, dy, g, b)
+    for step in (lean.step_float64, lean.step_float32):
+        y, dx = step(x, dy, g, b)
+        assert y.dtype == dx.dtype == np.float32
+        np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lean_dtype_prints_a_row_per_shape() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH.with_name("lean_dtype.py")), "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  (")]
+    assert [row[0] + row[1] for row in rows] == ["(64,32)", "(64,128)", "(32,256)", "(128,64)"]
+    assert all(len(row) == 13 for row in rows), result.stdout
