@@ -176,7 +176,7 @@ def forward_train(
     counts = [int(part[1]) for part in parts]
     table = np.array(parts)[:, 2:].reshape(len(parts), 3, c)  # (ranks, [mean, var, lo], C)
     with np.errstate(over="ignore", invalid="ignore"):
-        stats = F.combine_moments(table[:, 0], table[:, 1], counts, means_lo=table[:, 2])
+        stats = F._combine(table[:, 0], table[:, 1], counts, table[:, 2])  # checked on each rank
     if stats.count < 2:
         raise _validate.group_batch(counts)
     # Finite parts can still pool to inf; every rank sees the same result and raises alike.
@@ -196,19 +196,19 @@ def backward(
     if isinstance(cache, F.BatchNormCache) and not cache.training:
         return F.backward(dy, cache)
 
-    def local() -> tuple[tuple[Vector, Vector], Vector]:
-        _validate.cache_type(cache, F.BatchNormCache)
-        sums = F.backward_sums(dy, cache)
-        return sums, np.concatenate(([len(sums[0])], *sums))
+    def local() -> tuple[tuple[Any, Vector, Vector], Vector]:
+        dy3, (sum_dy, sum_dy_xhat) = F._part_sums(dy, cache)  # dy read once for both stages
+        return (dy3, sum_dy, sum_dy_xhat), np.concatenate(([len(sum_dy)], sum_dy, sum_dy_xhat))
 
     sign = _fingerprint.of_cache(cache, tag)
-    (sum_dy, sum_dy_xhat), parts = gather(group, local, "the synchronized backward pass", sign)
+    (dy3, sum_dy, sum_dy_xhat), parts = gather(group, local, "the synchronized backward pass",
+                                               sign)  # fmt: skip
     c = widths(parts, "the synchronized backward pass")
     total_dy, total_dy_xhat = parts[0][1 : 1 + c].copy(), parts[0][1 + c :].copy()
     for part in parts[1:]:  # rank order: the same additions on every rank
         total_dy += part[1 : 1 + c]
         total_dy_xhat += part[1 + c :]
-    dx = F.backward_input(dy, cache, total_dy, total_dy_xhat)
+    dx = F._part_input(dy3, cache, total_dy, total_dy_xhat)
     dgamma = None if cache.gamma is None else sum_dy_xhat
     return dx, dgamma, sum_dy if cache.has_beta else None
 

@@ -113,6 +113,12 @@ def combine_moments(
     """
     mu, sigma2, parts = _validate.parts(means, vars, counts)
     lo = np.zeros_like(mu) if means_lo is None else _validate.parts_lo(means_lo, mu.shape)
+    return _combine(mu, sigma2, parts, lo)
+
+
+def _combine(mu: Vector, sigma2: Vector, parts: list[int], lo: Vector) -> Moments:
+    """:func:`combine_moments` of checked parts: float64 (k, C) arrays and k ints >= 0 (the
+    synchronized forward's, each checked on its own rank)."""
     total = sum(parts)
     nonempty = [i for i, n in enumerate(parts) if n]  # empty parts take no part at all
     if not nonempty:
@@ -356,8 +362,22 @@ def backward_sums(dy: ArrayLike, cache: BatchNormCache) -> tuple[Vector, Vector]
     >>> F.backward_sums(np.array([[1.0], [2.0]]), cache)
     (array([3.]), array([1.]))
     """
+    return _part_sums(dy, cache)[1]
+
+
+@propagating
+def _part_sums(dy: ArrayLike, cache: BatchNormCache) -> tuple[Array, tuple[Vector, Vector]]:
+    """:func:`backward_sums`, keeping dy checked and converted for :func:`_part_input`: a
+    synchronized backward reads dy once for both stages, as a local one does."""
     _validate.cache_type(cache, BatchNormCache)
-    return _sums(_gradient(dy, cache), cache)
+    dy3 = _gradient(dy, cache)
+    return dy3, _sums(dy3, cache)
+
+
+@propagating
+def _part_input(dy3: Array, cache: BatchNormCache, sum_dy: Vector, sum_dy_xhat: Vector) -> Array:
+    """:func:`backward_input` of :func:`_part_sums`'s dy with checked (C,) float64 sums."""
+    return _input(dy3, cache, sum_dy, sum_dy_xhat)
 
 
 @propagating
