@@ -16,6 +16,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from batchnorm import _validate
 
+_F16 = np.dtype(np.float16)
+
 #: The momentum values below 0.5 already warned about: the warning comes once per value.
 _warned_momenta: set[float] = set()
 
@@ -33,7 +35,7 @@ def float16_overflow(
 ) -> None:
     """Warn when a float16 output overflowed to inf where x was finite: computed in float32,
     y can exceed float16's range (65504) with a large gamma or beta."""
-    if y.dtype != np.float16 or np.isfinite(y).all():
+    if y.dtype != _F16 or np.isfinite(y).all():
         return
     bad = ~np.isfinite(y) & np.isfinite(np.asarray(x))
     per_channel = np.moveaxis(bad, axis, 0).reshape(y.shape[axis], -1).any(axis=1)
