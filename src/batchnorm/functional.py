@@ -346,7 +346,6 @@ def _affine(gamma: ArrayLike | None, beta: ArrayLike | None, c: int) -> tuple[An
 # --- backward: this part's sums, then dx from the whole batch's sums ------------------------------
 
 
-@propagating
 def backward_sums(dy: ArrayLike, cache: BatchNormCache) -> tuple[Vector, Vector]:
     """This part's per-channel ``sum(dy)`` and ``sum(dy * xhat)``, float64 (C,) each.
 
