@@ -3,12 +3,16 @@
 The earlier ``src/batchnorm`` is taken from git (``git archive REV``) into a temporary folder and
 imported under another name, so both versions run on the same arrays, round after round, as in
 bench.py (best of N, rotated order, one thread). Prints after / before per shape, for a training
-step (forward_train + backward) and for the forward alone.
+step (forward_train + backward), for the forward alone and for ``forward_eval`` (with gamma and
+beta). ``--control`` loads the earlier version a second time and prints its time over the
+first's as well (``same``): two identical copies differ by where their arrays land in memory,
+and this shows by how much in the same run.
 
 Usage::
 
     python benchmarks/compare.py 70c9b6b                      # the shapes of bench.py
     python benchmarks/compare.py 70c9b6b --shape 64,32 --rounds 10
+    python benchmarks/compare.py 70c9b6b --control            # with the identical copy
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ import batchnorm as bn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_version(rev: str, folder: Path) -> ModuleType:
-    """src/batchnorm at `rev`, importable as batchnorm_<rev>."""
-    name = "batchnorm_" + re.sub(r"\W", "_", rev)
+def load_version(rev: str, folder: Path, suffix: str = "") -> ModuleType:
+    """src/batchnorm at `rev`, importable as batchnorm_<rev><suffix>."""
+    name = "batchnorm_" + re.sub(r"\W", "_", rev) + suffix
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "src/batchnorm"], capture_output=True, check=True
     ).stdout
+    folder = folder / name
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     package = folder / "src" / "batchnorm"
@@ -56,22 +61,27 @@ def load_version(rev: str, folder: Path) -> ModuleType:
     return importlib.import_module(name)
 
 
-def compare(old: Any, shape: tuple[int, ...], rounds: int) -> dict[str, float]:
+def compare(old: Any, shape: tuple[int, ...], rounds: int, same: Any = None) -> dict[str, float]:
+    """Times of bn against old (and of same, a copy of old, against old), as ratios."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    gamma, beta = rng.uniform(0.5, 1.5, shape[1]), rng.standard_normal(shape[1])
-
-    def step(module: Any) -> Any:
-        return lambda: module.backward(dy, module.forward_train(x, gamma, beta)[1])
-
-    def forward(module: Any) -> Any:
-        return lambda: module.forward_train(x, gamma, beta)
-
-    t = best_times(
-        {"new": step(bn), "old": step(old), "new_f": forward(bn), "old_f": forward(old)}, rounds
-    )
-    return {"old_s": t["old"], "step": t["new"] / t["old"], "forward": t["new_f"] / t["old_f"]}
+    c = shape[1]
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+    calls = {
+        "step": lambda m: lambda: m.backward(dy, m.forward_train(x, gamma, beta)[1]),
+        "forward": lambda m: lambda: m.forward_train(x, gamma, beta),
+        "eval": lambda m: lambda: m.forward_eval(x, gamma, beta, mean, var),
+    }
+    versions = {"new": bn, "old": old} | ({"same": same} if same is not None else {})
+    fns = {f"{v}_{k}": call(m) for k, call in calls.items() for v, m in versions.items()}
+    t = best_times(fns, rounds)
+    ratios = {"old_s": t["old_step"]}
+    ratios |= {k: t[f"new_{k}"] / t[f"old_{k}"] for k in calls}
+    if same is not None:
+        ratios |= {f"same_{k}": t[f"same_{k}"] / t[f"old_{k}"] for k in calls}
+    return ratios
 
 
 def main() -> int:
@@ -79,16 +89,26 @@ def main() -> int:
     parser.add_argument("rev", help="the earlier version: a commit, tag or branch")
     parser.add_argument("--shape", type=parse_shape, action="append", dest="shapes")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--control", action="store_true", help="also time an identical copy of the earlier version"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = load_version(args.rev, Path(tmp))
+        same = load_version(args.rev, Path(tmp), "_same") if args.control else None
         print(f"after / before ({args.rev}), float32, best of {args.rounds}")
         for shape in args.shapes or SHAPES:
-            r = compare(old, tuple(shape), args.rounds)
-            print(
+            r = compare(old, tuple(shape), args.rounds, same)
+            line = (
                 f"  {tuple(shape)!s:<18} before {r['old_s'] * 1e6:8.0f} us   step "
-                f"{r['step']:.2f}   forward {r['forward']:.2f}"
+                f"{r['step']:.2f}   forward {r['forward']:.2f}   eval {r['eval']:.2f}"
             )
+            if same is not None:
+                line += (
+                    f"   same: step {r['same_step']:.2f}   forward {r['same_forward']:.2f}"
+                    f"   eval {r['same_eval']:.2f}"
+                )
+            print(line)
     return 0
 
 
