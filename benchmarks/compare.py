@@ -4,15 +4,16 @@ The earlier ``src/batchnorm`` is taken from git (``git archive REV``) into a tem
 imported under another name, so both versions run on the same arrays, round after round, as in
 bench.py (best of N, rotated order, one thread). Prints after / before per shape, for a training
 step (forward_train + backward), for the forward alone and for ``forward_eval`` (with gamma and
-beta). ``--control`` loads the earlier version a second time and prints its time over the
-first's as well (``same``): two identical copies differ by where their arrays land in memory,
-and this shows by how much in the same run.
+beta). The current version is timed from a copy loaded the same way. ``--control`` loads a
+second copy of it and prints its after / before as well (``copy``): identical code loaded
+twice can differ by several percent on some shapes (where arrays and code land in memory),
+and the two after / before columns side by side show by how much in the same run.
 
 Usage::
 
     python benchmarks/compare.py 70c9b6b                      # the shapes of bench.py
     python benchmarks/compare.py 70c9b6b --shape 64,32 --rounds 10
-    python benchmarks/compare.py 70c9b6b --control            # with the identical copy
+    python benchmarks/compare.py 70c9b6b --control            # with a copy of the current
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import importlib
 import io
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -43,26 +45,41 @@ import batchnorm as bn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_version(rev: str, folder: Path, suffix: str = "") -> ModuleType:
-    """src/batchnorm at `rev`, importable as batchnorm_<rev><suffix>."""
-    name = "batchnorm_" + re.sub(r"\W", "_", rev) + suffix
+def load_version(rev: str, folder: Path) -> ModuleType:
+    """src/batchnorm at `rev`, importable as batchnorm_<rev>."""
+    name = "batchnorm_" + re.sub(r"\W", "_", rev)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", rev, "src/batchnorm"], capture_output=True, check=True
     ).stdout
-    folder = folder / name
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
-    package = folder / "src" / "batchnorm"
+    return _import_as(folder / "src" / "batchnorm", name)
+
+
+def load_current(folder: Path, name: str) -> ModuleType:
+    """A copy of the batchnorm package imported here, importable as `name`: loaded the way
+    the earlier version is, so that neither has the advantage of being imported first."""
+    package = folder / name
+    shutil.copytree(Path(bn.__file__).parent, package, ignore=shutil.ignore_patterns("*.pyc"))
+    return _import_as(package, name)
+
+
+def _import_as(package: Path, name: str) -> ModuleType:
+    """Import the batchnorm package at `package` as `name`, from a folder of its own."""
     for path in package.rglob("*.py"):
         text = re.sub(r"\bbatchnorm\b(?=[ .])", name, path.read_text(encoding="utf-8"))
         path.write_text(text, encoding="utf-8")
-    package.rename(folder / name)
-    sys.path.insert(0, str(folder))
+    home = package.parent / f"{name}_home"
+    home.mkdir()
+    package.rename(home / name)
+    sys.path.insert(0, str(home))
     return importlib.import_module(name)
 
 
-def compare(old: Any, shape: tuple[int, ...], rounds: int, same: Any = None) -> dict[str, float]:
-    """Times of bn against old (and of same, a copy of old, against old), as ratios."""
+def compare(
+    new: Any, old: Any, shape: tuple[int, ...], rounds: int, copy: Any = None
+) -> dict[str, float]:
+    """Times of new (and of copy, a second copy of it) against old, as ratios."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -74,13 +91,13 @@ def compare(old: Any, shape: tuple[int, ...], rounds: int, same: Any = None) -> 
         "forward": lambda m: lambda: m.forward_train(x, gamma, beta),
         "eval": lambda m: lambda: m.forward_eval(x, gamma, beta, mean, var),
     }
-    versions = {"new": bn, "old": old} | ({"same": same} if same is not None else {})
+    versions = {"new": new, "old": old} | ({"copy": copy} if copy is not None else {})
     fns = {f"{v}_{k}": call(m) for k, call in calls.items() for v, m in versions.items()}
     t = best_times(fns, rounds)
     ratios = {"old_s": t["old_step"]}
     ratios |= {k: t[f"new_{k}"] / t[f"old_{k}"] for k in calls}
-    if same is not None:
-        ratios |= {f"same_{k}": t[f"same_{k}"] / t[f"old_{k}"] for k in calls}
+    if copy is not None:
+        ratios |= {f"copy_{k}": t[f"copy_{k}"] / t[f"old_{k}"] for k in calls}
     return ratios
 
 
@@ -90,23 +107,24 @@ def main() -> int:
     parser.add_argument("--shape", type=parse_shape, action="append", dest="shapes")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
-        "--control", action="store_true", help="also time an identical copy of the earlier version"
+        "--control", action="store_true", help="also time a copy of the current version"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        new = load_current(Path(tmp), "batchnorm_current")
         old = load_version(args.rev, Path(tmp))
-        same = load_version(args.rev, Path(tmp), "_same") if args.control else None
+        copy = load_current(Path(tmp), "batchnorm_copy") if args.control else None
         print(f"after / before ({args.rev}), float32, best of {args.rounds}")
         for shape in args.shapes or SHAPES:
-            r = compare(old, tuple(shape), args.rounds, same)
+            r = compare(new, old, tuple(shape), args.rounds, copy)
             line = (
                 f"  {tuple(shape)!s:<18} before {r['old_s'] * 1e6:8.0f} us   step "
                 f"{r['step']:.2f}   forward {r['forward']:.2f}   eval {r['eval']:.2f}"
             )
-            if same is not None:
+            if copy is not None:
                 line += (
-                    f"   same: step {r['same_step']:.2f}   forward {r['same_forward']:.2f}"
-                    f"   eval {r['same_eval']:.2f}"
+                    f"   copy: step {r['copy_step']:.2f}   forward {r['copy_forward']:.2f}"
+                    f"   eval {r['copy_eval']:.2f}"
                 )
             print(line)
     return 0

@@ -157,7 +157,7 @@ def test_compare_runs_against_an_earlier_version() -> None:
     assert result.returncode == 0, result.stderr
     assert "after / before (HEAD)" in result.stdout
     ratios = r"step \d+\.\d\d\s+forward \d+\.\d\d\s+eval \d+\.\d\d"
-    line = rf"\(8, 4\)\s+before\s+\d+ us\s+{ratios}\s+same: {ratios}"
+    line = rf"\(8, 4\)\s+before\s+\d+ us\s+{ratios}\s+copy: {ratios}"
     assert re.search(line, result.stdout), result.stdout
 
 
