@@ -152,10 +152,11 @@ def _apply(op: np.ufunc, a: Array, vector: Vector | Array, out: Array) -> None:
 def copy_scale_shift(
     x3: Array, cdt: np.dtype[Any], scale: Vector, offset: Vector, dtype: np.dtype[Any]
 ) -> tuple[Array, Array]:
-    """(a C-contiguous copy of x3 in cdt, x3 * scale + offset in dtype); for large arrays
-    slab by slab, so that each slab of the copy is scaled while it is still in cache."""
+    """(a C-contiguous copy of x3 in cdt, x3 * scale + offset in dtype): copy, multiply and
+    add in one walk with both vectors expanded at once (slab by slab for large arrays, so that
+    each slab of the copy is scaled while it is still in cache)."""
     data = np.empty(x3.shape, cdt)
-    if data.nbytes <= _SLAB_MIN_BYTES or not x3.flags.c_contiguous:
+    if not x3.flags.c_contiguous:
         np.copyto(data, x3)
         return data, scale_shift(data, scale, offset, dtype)
     out = np.empty_like(data)
