@@ -147,6 +147,7 @@ def test_compare_runs_against_an_earlier_version() -> None:
             "8,4",
             "--rounds",
             "1",
+            "--control",
         ],
         capture_output=True,
         text=True,
@@ -155,9 +156,28 @@ def test_compare_runs_against_an_earlier_version() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "after / before (HEAD)" in result.stdout
-    assert re.search(
-        r"\(8, 4\)\s+before\s+\d+ us\s+step \d+\.\d\d\s+forward \d+\.\d\d", result.stdout
+    ratios = r"step \d+\.\d\d\s+forward \d+\.\d\d\s+eval \d+\.\d\d"
+    line = rf"\(8, 4\)\s+before\s+\d+ us\s+{ratios}\s+copy: {ratios}"
+    assert re.search(line, result.stdout), result.stdout
+
+
+@pytest.mark.slow
+def test_stream_passes_times_every_pass_of_the_streaming_step() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH.with_name("stream_passes.py")), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "(512, 32), float32: one step" in out
+    times = re.findall(r"^  (forward|backward): .+?\s+(\d+\.\d)\s+(\d+\.\d\d)$", out, re.M)
+    assert len(times) == 11, out  # five passes forward, six backward
+    assert all(float(us) > 0 for _, us, _ in times)
+    total = re.search(r"sum of the passes\s+(\d+\.\d)", out)
+    assert total is not None and float(total.group(1)) > 0, out
 
 
 def test_lean_dtype_steps_compute_the_library_step() -> None:

@@ -87,17 +87,29 @@ def shifted_moments(
 def _centre(x3: Array, shift: Array, data: Array, count: int) -> tuple[Vector, Vector]:
     """data = x3 - shift; return the mean of data and its (unclipped) biased variance
     E[data^2] - mean^2, summing each slab while it is in cache."""
-    sums = []
-    for (_, d_slab), (x_view, d_view), (op,) in _slabs((x3, data), shift):
-        np.subtract(x_view, op, out=d_view)
-        sums.append((channel_sum(d_slab), _channel_dot(d_slab, d_slab)))
-    total, total_sq = _add_up(sums)
+    p, c, s = x3.shape
+    flat = _flat(p, c, s, x3.dtype.itemsize)
+    if flat is not None:
+        size, n = flat
+        (op,) = _flat_rows(size, x3.dtype, shift)
+        np.subtract(x3.reshape(-1, size), op, out=data.reshape(-1, size))
+        total, total_sq = _flat_sums(data, data, n)
+    else:
+        sums = []
+        for (_, d_slab), (x_view, d_view), (op,) in _slabs((x3, data), shift):
+            np.subtract(x_view, op, out=d_view)
+            sums.append((channel_sum(d_slab), _channel_dot(d_slab, d_slab)))
+        total, total_sq = _add_up(sums)
     resid = total / count
     return resid, total_sq / count - resid * resid
 
 
 def sum_and_dot(dy3: Array, data: Array) -> tuple[Vector, Vector]:
     """Per-channel sum(dy) and sum(dy * data), slab by slab."""
+    p, c, s = data.shape
+    flat = _flat(p, c, s, data.dtype.itemsize)
+    if flat is not None:
+        return _flat_sums(dy3, data, flat[1])
     sums = [
         (channel_sum(dy_slab), _channel_dot(dy_slab, d_slab))
         for (dy_slab, d_slab), _, _ in _slabs((dy3, data))
@@ -118,7 +130,17 @@ def train_dx(data: Array, dy3: Array, a: Vector, b1: Vector, c1: Vector) -> Arra
     """dx = a * dy + (a * b1) * data + a * c1, evaluated as a * (data * b1 + dy + c1): four
     passes in place on dx (each slab's four while it is in cache), no temporary of x's size."""
     dx = np.empty_like(data)
-    for _, (d_view, dy_view, dx_view), (a_op, b1_op, c1_op) in _slabs((data, dy3, dx), a, b1, c1):
+    p, c, s = data.shape
+    flat = _flat(p, c, s, data.dtype.itemsize)
+    if flat is not None:
+        size = flat[0]
+        views = tuple([arr.reshape(-1, size) for arr in (data, dy3, dx)])
+        steps: list[tuple[tuple[Array, ...], list[Array]]] = [
+            (views, _flat_rows(size, data.dtype, a, b1, c1))
+        ]
+    else:
+        steps = [slab[1:] for slab in _slabs((data, dy3, dx), a, b1, c1)]
+    for (d_view, dy_view, dx_view), (a_op, b1_op, c1_op) in steps:
         np.multiply(d_view, b1_op, out=dx_view)
         dx_view += dy_view
         dx_view += c1_op
@@ -130,7 +152,15 @@ def scale_shift(a: Array, scale: Vector, offset: Vector | None, dtype: np.dtype[
     """a * scale + offset per channel for C-contiguous (P, C, S) a, computed in a's dtype and
     returned in dtype: a multiply into a new array and an in-place add."""
     out = np.empty_like(a)
-    if offset is None or a.nbytes <= _SLAB_MIN_BYTES:
+    p, c, s = a.shape
+    flat = _flat(p, c, s, a.dtype.itemsize)
+    if offset is not None and flat is not None:
+        size = flat[0]
+        scale_op, offset_op = _flat_rows(size, a.dtype, scale, offset)
+        out_view = out.reshape(-1, size)
+        np.multiply(a.reshape(-1, size), scale_op, out=out_view)
+        out_view += offset_op
+    elif offset is None or a.nbytes <= _SLAB_MIN_BYTES:
         # One expanded vector alive at a time: with few samples one costs up to 1/8 of x.
         _apply(np.multiply, a, scale, out)
         if offset is not None:
@@ -152,10 +182,11 @@ def _apply(op: np.ufunc, a: Array, vector: Vector | Array, out: Array) -> None:
 def copy_scale_shift(
     x3: Array, cdt: np.dtype[Any], scale: Vector, offset: Vector, dtype: np.dtype[Any]
 ) -> tuple[Array, Array]:
-    """(a C-contiguous copy of x3 in cdt, x3 * scale + offset in dtype); for large arrays
-    slab by slab, so that each slab of the copy is scaled while it is still in cache."""
+    """(a C-contiguous copy of x3 in cdt, x3 * scale + offset in dtype): copy, multiply and
+    add in one walk with both vectors expanded at once (slab by slab for large arrays, so that
+    each slab of the copy is scaled while it is still in cache)."""
     data = np.empty(x3.shape, cdt)
-    if data.nbytes <= _SLAB_MIN_BYTES or not x3.flags.c_contiguous:
+    if not x3.flags.c_contiguous:
         np.copyto(data, x3)
         return data, scale_shift(data, scale, offset, dtype)
     out = np.empty_like(data)
@@ -167,6 +198,40 @@ def copy_scale_shift(
         out_view += offset_op
     result: Array = out.astype(dtype, copy=False)
     return data, result
+
+
+# (B, C) data in one slab (fully connected layers) takes straight-line branches of the kernels
+# above: the same passes in the same order (bit for bit the same results) without the calls of
+# the slab walk and the general helpers, 4-7% of a step (docs/performance.md, item 9).
+
+
+@functools.lru_cache(maxsize=64)
+def _flat(p: int, c: int, s: int, itemsize: int) -> tuple[int, int] | None:
+    """(L, n) for (B, C) data (S = 1) of at most _SLAB_MIN_BYTES: the length of the rows of
+    the element-wise view (_layout) and the number of rows of the BLAS sums' view (that of
+    channel_sum); None for other data, and for a P that channel_sum splits."""
+    if s != 1 or not p or p * c * itemsize > _SLAB_MIN_BYTES or p // _blas_split(p) > _BLAS_TERMS:
+        return None
+    return _layout(p, c, s, itemsize)[1], p // _blas_split(p)
+
+
+def _flat_rows(size: int, dtype: np.dtype[Any], *vectors: Vector | Array) -> list[Array]:
+    """Per-channel vectors (C,) expanded to rows of `size` values in dtype, as _per_channel
+    does for (B, C) data."""
+    stacked = np.array(vectors, dtype=dtype)
+    m, c = stacked.shape
+    expanded = np.empty((m, size // c, c), dtype)
+    expanded[...] = stacked[:, None, :]
+    return list(expanded.reshape(m, size))
+
+
+def _flat_sums(a: Array, b: Array, n: int) -> tuple[Vector, Vector]:
+    """Per-channel sum(a) and sum(a * b) of (P, C, 1) arrays, summed as channel_sum and
+    _channel_dot do: over n rows of P / n samples in the compute dtype, then in float64."""
+    c = a.shape[1]
+    rows_a, rows_b = a.reshape(n, -1), b.reshape(n, -1)
+    total = _fold(ones(n, a.dtype) @ rows_a, c)
+    return total, _fold(np.einsum("rl,rl->l", rows_a, rows_b), c)
 
 
 def _slabs(
