@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,18 @@ def run_ranks(size: int, work: Callable[[Any], Any], timeout: float = 30.0) -> l
     return results
 
 
-# A fault on one rank of a group of one is the single-process case: those run from size 2.
-@pytest.mark.parametrize(
-    ("name", "size"),
-    [
+def thread_group_cases(names: Iterable[str]) -> list[tuple[str, int]]:
+    """(check name, group size) pairs: every check on groups of 1 to 4 threads, except that a
+    fault on one rank of a group of one is the single-process case: those run from size 2."""
+    return [
         (name, size)
-        for name in sorted(checks.CHECKS)
+        for name in sorted(names)
         for size in (1, 2, 3, 4)
         if size > 1 or "raises_everywhere" not in name
-    ],
-)
+    ]
+
+
+@pytest.mark.parametrize(("name", "size"), thread_group_cases(checks.CHECKS))
 def test_check_on_thread_groups(name: str, size: int) -> None:
     run_ranks(size, checks.CHECKS[name])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import load_module
-from test_distributed import run_ranks
+from test_distributed import run_ranks, thread_group_cases
 from test_distributed_mpi import MPI_DIR, run_mpi
 
 from batchnorm import distributed as dist
@@ -18,15 +18,7 @@ from batchnorm import distributed as dist
 checks = load_module("parallel_checks", MPI_DIR / "parallel_checks.py")
 
 
-@pytest.mark.parametrize(
-    ("name", "size"),
-    [
-        (name, size)
-        for name in sorted(checks.CHECKS)
-        for size in (1, 2, 3, 4)
-        if size > 1 or "raises_everywhere" not in name
-    ],
-)
+@pytest.mark.parametrize(("name", "size"), thread_group_cases(checks.CHECKS))
 def test_check_on_thread_groups(name: str, size: int) -> None:
     run_ranks(size, checks.CHECKS[name])
 
