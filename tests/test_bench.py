@@ -116,6 +116,29 @@ def test_crossover_times_both_roads() -> None:
     assert all(row["lean_over_streaming"] > 0 for row in rows)
 
 
+def test_precise_overhead_runs_the_batches_asked_for(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    original = bn.precise_bn
+
+    def counting(model: Any, batches: Any, num_batches_precise: int, **kwargs: Any) -> Any:
+        seen.append(len(batches))
+        assert num_batches_precise == len(batches)
+        return original(model, batches, num_batches_precise, **kwargs)
+
+    monkeypatch.setattr(bench.bn, "precise_bn", counting)
+    ratios = bench.precise_overhead(np.dtype(np.float32), 1, True, num_batches=3)
+    assert seen and set(seen) == {3}  # every call, in train and in sequential mode
+    assert all(ratio > 0 for ratio in ratios.values())
+
+
+def test_precise_batches_must_be_positive() -> None:
+    result = run_quick("--precise-batches", "0")
+    assert result.returncode == 2
+    assert "--precise-batches must be at least 1; got 0" in result.stderr
+
+
 @pytest.mark.parametrize("shape", [(16, 5), (4, 3, 5, 6)])
 def test_textbook_baseline_is_batchnorm(bench: ModuleType, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
