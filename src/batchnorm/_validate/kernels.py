@@ -44,10 +44,15 @@ COMPUTE_DTYPES: dict[np.dtype[Any], np.dtype[Any]] = {
 
 
 def float_array(x: Any, name: str = "x") -> NDArray[np.floating[Any]]:
-    """Return `x` as a NumPy array of float16, float32 or float64 (no copy when it already is)."""
+    """Return `x` as a NumPy array of float16, float32 or float64 (no copy when it already is).
+
+    Data in the other byte order (big-endian here, as some file formats store it) is converted
+    to the machine's own, which is what NumPy's operations return for it as well."""
     if x is None:
         raise TypeError(f"{name} must be a floating-point array; got None.")
     arr = np.asarray(x)
+    if arr.dtype not in COMPUTE_DTYPES and arr.dtype.newbyteorder("=") in COMPUTE_DTYPES:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in COMPUTE_DTYPES:
         hint = (
             f"convert it first, e.g. {name}.astype(np.float32)"
