@@ -68,6 +68,48 @@ def test_non_float_nested_lists_are_type_errors(x):
         bn.forward_train(x)
 
 
+def _masked(a, *where):
+    mask = np.zeros(np.shape(a), dtype=bool)
+    for index in where:
+        mask[index] = True
+    return np.ma.masked_array(a, mask=mask)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: _train(_masked(X, (0, 0), (2, 1))), "x"),
+        (lambda: _eval(_masked(X, (0, 0), (2, 1))), "x"),
+        (lambda: bn.BatchNorm(3)(_masked(X, (0, 0), (2, 1))), "x"),
+        (lambda: bn.PopulationStats(3).update(_masked(X, (0, 0), (2, 1))), "x"),
+        (lambda: _train(gamma=_masked(GAMMA, 0, 2)), "gamma"),
+        (lambda: _eval(var=_masked(VAR, 0, 2)), "var"),
+        (lambda: bn.backward(_masked(X, (0, 0), (2, 1)), _train()[1]), "dy"),
+    ],
+    ids=["train", "eval", "layer", "population", "gamma", "var", "dy"],
+)
+def test_masked_values_are_refused(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} is a masked array with 2 masked value\(s\)"):
+        call()
+
+
+def test_a_masked_array_without_masked_values_is_data():
+    y, _ = _train(np.ma.masked_array(X))
+    np.testing.assert_array_equal(y, _train()[0])
+    assert type(y) is np.ndarray
+
+
+def test_a_refused_masked_batch_leaves_the_layer_unchanged():
+    layer = bn.BatchNorm(3)
+    layer(X)
+    before = (layer.running_mean.copy(), layer.running_var.copy(), layer.num_batches_tracked)
+    with pytest.raises(ValueError, match="masked"):
+        layer(_masked(X + 5.0, (1, 1)))
+    np.testing.assert_array_equal(layer.running_mean, before[0])
+    np.testing.assert_array_equal(layer.running_var, before[1])
+    assert layer.num_batches_tracked == before[2]
+
+
 @pytest.mark.parametrize("forward", [_train, _eval])
 def test_x_none(forward):
     with pytest.raises(TypeError, match="x must be a floating-point array; got None"):

@@ -23,6 +23,7 @@ __all__ = [
     "eps_value",
     "eval_batch",
     "float_array",
+    "no_masked_values",
     "parameter_weight",
     "parts",
     "parts_lo",
@@ -50,6 +51,7 @@ def float_array(x: Any, name: str = "x") -> NDArray[np.floating[Any]]:
     to the machine's own, which is what NumPy's operations return for it as well."""
     if x is None:
         raise TypeError(f"{name} must be a floating-point array; got None.")
+    no_masked_values(x, name)
     arr = np.asarray(x)
     if arr.dtype not in COMPUTE_DTYPES and arr.dtype.newbyteorder("=") in COMPUTE_DTYPES:
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -64,6 +66,18 @@ def float_array(x: Any, name: str = "x") -> NDArray[np.floating[Any]]:
             f"Batch normalization is defined for real floating-point data: {hint}."
         )
     return arr
+
+
+def no_masked_values(value: Any, name: str) -> None:
+    """Refuse a masked array with masked values: converting it to an ndarray, as every NumPy
+    function without masked support does, would use what lies under the mask as data."""
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        count = int(np.count_nonzero(value.mask))
+        raise ValueError(
+            f"{name} is a masked array with {count} masked value(s); batch normalization has "
+            "no notion of a mask and would use the values under it as data. Pass "
+            f"{name}.filled(value) to choose what they are, or leave out the masked samples."
+        )
 
 
 def channel_axis(shape: tuple[int, ...], axis: Any, name: str = "x") -> int:
@@ -115,6 +129,7 @@ def per_channel(
     """Return a per-channel vector as a fresh float64 array of shape (C,), checked."""
     if value is None:
         raise TypeError(f"{name} must be an array of shape ({num_channels},); got None.")
+    no_masked_values(value, name)
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise TypeError(
