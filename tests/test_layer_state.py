@@ -265,6 +265,48 @@ def test_momentum_none_continues_the_average_after_loading() -> None:
     assert resumed.num_batches_tracked == 4
 
 
+# --- running statistics assigned by hand ---------------------------------------------------------
+
+
+def read_only(values: Any) -> np.ndarray:
+    array = np.array(values, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "got"),
+    [
+        ("running_mean", np.zeros(4), ValueError, "got an array of shape (4,)."),
+        ("running_var", [1.0, 1.0, 1.0], TypeError, "got list."),
+        ("running_mean", np.zeros(3, dtype=np.int64), TypeError, "got an array of dtype int64."),
+        ("running_var", read_only([1.0, 1.0, 1.0]), ValueError, "(3,), read-only."),
+    ],
+    ids=["shape", "list", "int", "read-only"],
+)
+def test_a_training_step_refuses_unusable_running_statistics(
+    name: str, value: Any, error: type[Exception], got: str
+) -> None:
+    layer = trained_layer()
+    setattr(layer, name, value)
+    before = snapshot(layer)
+    with pytest.raises(
+        error, match=rf"^layer\.{name} must be a writeable float array of shape"
+    ) as info:
+        layer(np.random.default_rng(1).normal(size=(5, 3, 2)))
+    assert got in str(info.value)
+    assert snapshot(layer) == before
+
+
+def test_float32_running_statistics_assigned_by_hand_are_updated_in_place() -> None:
+    layer = bn.BatchNorm(3)
+    mean = layer.running_mean = np.zeros(3, dtype=np.float32)
+    x = np.random.default_rng(2).normal(3.0, 1.0, size=(8, 3))
+    layer(x)
+    assert layer.running_mean is mean and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, 0.1 * x.mean(axis=0), rtol=1e-6)
+
+
 # --- save and load -------------------------------------------------------------------------------
 
 ROUND_TRIP_OPTIONS = [

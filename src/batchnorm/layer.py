@@ -205,6 +205,7 @@ class BatchNorm:
         if self.track_running_stats:
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
+            _validate.running_buffers(self.running_mean, self.running_var, self.num_features)
             running = (self.running_mean, self.running_var, self.num_batches_tracked)
         outputs, parts = [], []
         for piece in pieces:

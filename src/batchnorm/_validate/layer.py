@@ -30,6 +30,7 @@ __all__ = [
     "positional_eps",
     "pytorch_momentum",
     "refuse_num_dims",
+    "running_buffers",
     "wrong_channels",
 ]
 
@@ -147,6 +148,27 @@ def layer_channels(x: Any, num_channels: int, axis: int) -> None:
     shape = x.shape if isinstance(x, np.ndarray) else np.shape(x)
     if len(shape) >= 2 and -len(shape) <= axis < len(shape) and shape[axis] != num_channels:
         raise wrong_channels(shape, num_channels, axis)
+
+
+def running_buffers(mean: Any, var: Any, num_channels: int) -> None:
+    """Check the running statistics a training step will update in place: assigned by hand
+    (``layer.running_mean = ...``) they may be anything."""
+    for name, value in (("running_mean", mean), ("running_var", var)):
+        error: type[Exception]
+        if not isinstance(value, np.ndarray):
+            error, what = TypeError, type(value).__name__
+        elif value.dtype.kind != "f":
+            error, what = TypeError, f"an array of dtype {value.dtype}"
+        elif value.shape != (num_channels,) or not value.flags.writeable:
+            shape = f"an array of shape {value.shape}"
+            error, what = ValueError, shape + ("" if value.flags.writeable else ", read-only")
+        else:
+            continue
+        raise error(
+            f"layer.{name} must be a writeable float array of shape ({num_channels},), one value "
+            f"per channel, which each training step updates in place; got {what}. Assign "
+            f"np.array(values, dtype=np.float64), or use load_state_dict, which converts."
+        )
 
 
 def wrong_channels(shape: tuple[int, ...], num_channels: int, axis: int) -> ValueError:
