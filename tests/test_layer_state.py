@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,39 @@ def test_a_training_step_refuses_unusable_running_statistics(
         layer(np.random.default_rng(1).normal(size=(5, 3, 2)))
     assert got in str(info.value)
     assert snapshot(layer) == before
+
+
+def test_batch_renorm_refuses_unusable_running_statistics_before_reading_them() -> None:
+    layer = bn.BatchRenorm(3)
+    layer.running_var = [1.0, 1.0, 1.0]
+    with pytest.raises(TypeError, match=r"^layer\.running_var must be a writeable float array"):
+        layer(np.ones((4, 3)) + np.arange(4.0)[:, None])
+
+
+def test_a_rank_with_unusable_running_statistics_fails_alone_after_the_exchange() -> None:
+    groups = bn.distributed.thread_groups(2, timeout=20.0)
+    layers = [bn.BatchNorm(3, group=group) for group in groups]
+    layers[1].running_mean = np.zeros(4)
+    before = [snapshot(layer) for layer in layers]
+    x = np.random.default_rng(3).normal(size=(4, 3))
+    outcome: list[Any] = [None, None]
+
+    def step(rank: int) -> None:
+        try:
+            outcome[rank] = layers[rank](x)
+        except ValueError as err:
+            outcome[rank] = err
+
+    threads = [threading.Thread(target=step, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30.0)
+    assert not any(thread.is_alive() for thread in threads)
+    assert isinstance(outcome[0], np.ndarray)  # rank 0 finished its step: nobody waited
+    assert layers[0].num_batches_tracked == 1
+    assert "layer.running_mean must be a writeable float array" in str(outcome[1])
+    assert snapshot(layers[1]) == before[1]
 
 
 def test_float32_running_statistics_assigned_by_hand_are_updated_in_place() -> None:

@@ -205,13 +205,14 @@ class BatchNorm:
         if self.track_running_stats:
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
-            _validate.running_buffers(self.running_mean, self.running_var, self.num_features)
             running = (self.running_mean, self.running_var, self.num_batches_tracked)
         outputs, parts = [], []
         for piece in pieces:
             y, part = self._normalize(piece, running)
             _validate.finite_statistics(part.cache.mean, part.cache.var)
             if running is not None:
+                # After the exchange every rank of a group joins; before anything is written.
+                _validate.running_buffers(self.running_mean, self.running_var, self.num_features)
                 running = self._advance(running, part.cache)
             outputs.append(y)
             parts.append(part)

@@ -183,6 +183,7 @@ class BatchRenorm(BatchNorm):
         if self.group is not None:
             _validate.no_group("BatchRenorm")
         assert running is not None
+        _validate.running_buffers(running[0], running[1], self.num_features)  # read here first
         rmax, dmax = _validate.renorm_limits(self.rmax, self.dmax)
         warmup = _validate.warmup_steps(self.warmup_steps)
         rmax, dmax = _relaxed(rmax, dmax, warmup, running[2])  # this batch's step
