@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,63 @@ def test_a_shared_layer_is_listed_once_and_cycles_are_safe() -> None:
     model: dict[str, Any] = {"a": layer, "b": [layer]}
     model["self"] = model
     assert [name for name, _ in bn.batchnorms(model)] == ["a"]
+
+
+class Slotted:
+    __slots__ = ("__private", "empty", "norm")
+
+    def __init__(self) -> None:
+        self.norm = bn.BatchNorm(3)
+        self.__private = [bn.BatchNorm(2)]
+
+
+class MoreSlots(Slotted):
+    __slots__ = ("extra",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = {"head": bn.BatchNorm(4)}
+
+
+class Shadowed(Slotted):
+    """A subclass whose property hides a slot of its base: the walk reads the slot itself."""
+
+    __slots__ = ()
+
+    @property
+    def norm(self) -> Any:
+        raise AssertionError("the walk ran a property")
+
+
+@dataclasses.dataclass(slots=True)
+class Head:
+    norm: bn.BatchNorm
+    scale: float = 1.0
+
+    def __call__(self, x: Any) -> Any:
+        return self.scale * self.norm(x)
+
+
+def test_layers_in_slots_are_found() -> None:
+    model = {"body": MoreSlots(), "head": Head(bn.BatchNorm(5))}
+    names = [name for name, _ in bn.batchnorms(model)]
+    assert names == ["body.extra.head", "body._Slotted__private.0", "body.norm", "head.norm"]
+    assert [layer.num_features for _, layer in bn.batchnorms(model)] == [4, 2, 3, 5]
+    assert len(bn.freeze_all(model)) == 4
+
+
+def test_slots_are_read_without_running_properties() -> None:
+    model = Shadowed.__new__(Shadowed)
+    Slotted.__dict__["norm"].__set__(model, bn.BatchNorm(3))  # the property hides the slot
+    assert [name for name, _ in bn.batchnorms(model)] == ["norm"]
+
+
+def test_precise_bn_finds_layers_in_slots() -> None:
+    model = Head(bn.BatchNorm(3))
+    x = np.random.default_rng(0).normal(2.0, 1.0, size=(16, 3))
+    summaries = bn.precise_bn(model, [x], 1)
+    assert [s.name for s in summaries] == ["model.norm"]
+    np.testing.assert_allclose(model.norm.running_mean, x.mean(axis=0), rtol=1e-12)
 
 
 def test_clashing_names_are_refused() -> None:

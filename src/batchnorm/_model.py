@@ -26,9 +26,10 @@ def batchnorms(model: Any) -> list[tuple[str, BatchNorm]]:
     Parameters
     ----------
     model : object
-        Any object: its attributes, lists, tuples and dicts are walked (each object once, cycles
-        are safe), as :func:`batchnorm.precise_bn` and :func:`batchnorm.distributed.synchronize`
-        walk it. Frozen layers and layers without running statistics are included.
+        Any object: its attributes (``__slots__`` too), lists, tuples and dicts are walked (each
+        object once, cycles are safe), as :func:`batchnorm.precise_bn` and
+        :func:`batchnorm.distributed.synchronize` walk it. Frozen layers and layers without
+        running statistics are included.
 
     Returns
     -------

@@ -1,9 +1,9 @@
 """The walk that finds every BatchNorm in a model, for precise_bn and distributed.synchronize,
 and the check of an explicit list of layers.
 
-A model is any object: the walk follows attributes, lists, tuples and dicts depth first, visits
-each object once (cycles are safe), and never descends into numbers, strings, arrays, modules,
-classes or functions.
+A model is any object: the walk follows attributes (``__dict__`` and ``__slots__``), lists,
+tuples and dicts depth first, visits each object once (cycles are safe), never runs a property,
+and never descends into numbers, strings, arrays, modules, classes or functions.
 """
 
 from __future__ import annotations
@@ -75,11 +75,38 @@ def walk(model: Any) -> list[tuple[tuple[Step, ...], BatchNorm]]:
             children = [(("key", key), value) for key, value in obj.items()]
         elif isinstance(obj, list | tuple):
             children = [(("index", i), value) for i, value in enumerate(obj)]
-        elif hasattr(obj, "__dict__") and not isinstance(obj, _OPAQUE):
-            children = [(("attr", name), value) for name, value in vars(obj).items()]
+        elif not isinstance(obj, _OPAQUE):
+            children = [(("attr", name), value) for name, value in _attributes(obj)]
         # Containers and plain objects only: skip numbers, strings and arrays early.
         stack.extend(((*steps, step), c) for step, c in reversed(children) if not _is_leaf(c))
     return found
+
+
+def _attributes(obj: Any) -> list[tuple[str, Any]]:
+    """An object's attributes: its ``__dict__`` and its filled ``__slots__`` (a
+    ``dataclass(slots=True)``, say), the slots of every class it inherits from included. Slots
+    are read through their own descriptors, so no property or ``__getattr__`` ever runs."""
+    items = list(vars(obj).items()) if hasattr(obj, "__dict__") else []
+    for name, slot in _slots(type(obj)):
+        try:
+            items.append((name, slot.__get__(obj, type(obj))))
+        except AttributeError:  # a slot never assigned
+            continue
+    return items
+
+
+def _slots(cls: type) -> tuple[tuple[str, types.MemberDescriptorType], ...]:
+    """(name, descriptor) of every slot of cls and of the classes it inherits from."""
+    found = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name.startswith("__") and not name.endswith("__"):  # stored under a mangled name
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            slot = klass.__dict__.get(name)
+            if isinstance(slot, types.MemberDescriptorType):  # not __dict__ or __weakref__
+                found.append((name, slot))
+    return tuple(found)
 
 
 def _path(steps: tuple[Step, ...]) -> str:

@@ -219,9 +219,9 @@ def precise_bn(
         How many batches to use. About 10^3 to 10^4 samples in all are reported to suffice.
     layers : iterable of BatchNorm, optional
         The layers to recompute. None: every BatchNorm with running statistics reachable from
-        ``model`` through attributes, lists, tuples and dicts (each once; cycles are safe),
-        except frozen ones. A frozen layer named here is recomputed like any other (batch
-        statistics during the pass) and stays frozen.
+        ``model`` through attributes (``__slots__`` too), lists, tuples and dicts (each once;
+        cycles are safe), except frozen ones. A frozen layer named here is recomputed like any
+        other (batch statistics during the pass) and stays frozen.
     progress : bool, default False
         Show a progress bar (needs tqdm: ``pip install tqdm`` or the ``progress`` extra).
     mode : {"train", "sequential"}, default "train"
