@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -277,3 +279,22 @@ def test_empty_report_passes_vacuously():
     assert report.passed
     assert report.worst == {}
     assert str(report).split() == ["case", "dtype", "y", "dx", "dgamma", "dbeta", "err/tol", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "got"),
+    [
+        ({"forward": None}, "forward", "NoneType"),
+        ({"backward_fn": (1.0, 2.0, 3.0)}, "backward_fn", "tuple"),
+        ({"running": "update"}, "running", "str"),
+    ],
+)
+def test_check_kernels_refuses_kernels_that_are_not_functions(
+    kwargs: dict[str, Any], name: str, got: str
+) -> None:
+    args = {"forward": bn.forward_train, "backward_fn": bn.backward, **kwargs}
+    forward, backward_fn = args.pop("forward"), args.pop("backward_fn")
+    with pytest.raises(
+        TypeError, match=rf"^{name} must be a function \(your kernel\); got {got}\."
+    ):
+        check_kernels(forward, backward_fn, dtypes=[np.float32], **args)

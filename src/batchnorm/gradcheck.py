@@ -350,7 +350,8 @@ def check_kernels(
         The normwise relative error of y, dx, dgamma, dbeta (and running_mean, running_var)
         per case, ``max|got - want| / max(max|want|, 1e-8)``, with its tolerance; for a
         failure the worst index and a likely cause. A kernel that raises, returns None or an
-        array of the wrong shape fails its case with that said.
+        array of the wrong shape fails its case with that said; a kernel that is not a
+        function at all is a TypeError before any case runs.
 
     Notes
     -----
@@ -373,6 +374,7 @@ def check_kernels(
     >>> report.passed, len(report.cases)
     (True, 12)
     """
+    _validate.kernel_functions(forward=forward, backward_fn=backward_fn, running=running)
     chosen = _kernel_run.chosen_cases(shapes, dtypes, training, cases, offset, running is not None)
     report = KernelReport()
     for case in chosen:

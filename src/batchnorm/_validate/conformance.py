@@ -11,11 +11,23 @@ __all__ = [
     "case_axis",
     "case_dtype",
     "case_name",
+    "kernel_functions",
     "missing_framework",
     "no_matplotlib",
     "output_name",
     "three_gradients",
 ]
+
+
+def kernel_functions(**functions: Any) -> None:
+    """check_kernels' kernels must be callables (None only where it is optional: running)."""
+    for name, function in functions.items():
+        if not callable(function) and not (name == "running" and function is None):
+            raise TypeError(
+                f"{name} must be a function (your kernel); got {type(function).__name__}. "
+                "Pass the kernel itself, e.g. check_kernels(my_forward, my_backward), not what "
+                "it returns."
+            )
 
 
 def case_axis(axis: Any) -> int:
