@@ -60,6 +60,13 @@ def test_non_float_x_is_a_type_error(forward, dtype, hint):
         forward(x)
 
 
+def test_the_hint_for_integer_data_fits_what_was_passed():
+    with pytest.raises(TypeError, match=r"e\.g\. np\.asarray\(x, dtype=np\.float32\)\.$"):
+        bn.forward_train([[1, 2], [3, 4]])
+    with pytest.raises(TypeError, match=r"e\.g\. x\.astype\(np\.float32\)\.$"):
+        bn.forward_train(np.ones((2, 2), dtype=np.int64))
+
+
 @pytest.mark.parametrize(
     "x", [[[1, 2], [3, 4]], [["a", "b"], ["c", "d"]], [[True, False], [False, True]]]
 )

@@ -56,8 +56,13 @@ def float_array(x: Any, name: str = "x") -> NDArray[np.floating[Any]]:
     if arr.dtype not in COMPUTE_DTYPES and arr.dtype.newbyteorder("=") in COMPUTE_DTYPES:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in COMPUTE_DTYPES:
+        convert = (
+            f"{name}.astype(np.float32)"
+            if isinstance(x, np.ndarray)
+            else f"np.asarray({name}, dtype=np.float32)"
+        )
         hint = (
-            f"convert it first, e.g. {name}.astype(np.float32)"
+            f"convert it first, e.g. {convert}"
             if arr.dtype.kind in "biuf"
             else "pass real-valued float16, float32 or float64 data"
         )
