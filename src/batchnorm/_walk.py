@@ -85,7 +85,7 @@ def walk(model: Any) -> list[tuple[tuple[Step, ...], BatchNorm]]:
 def _attributes(obj: Any) -> list[tuple[str, Any]]:
     """An object's attributes: its ``__dict__`` and its filled ``__slots__`` (a
     ``dataclass(slots=True)``, say), the slots of every class it inherits from included. Slots
-    are read through their own descriptors, so no property or ``__getattr__`` ever runs."""
+    are read through their own descriptors, so that no property a subclass puts over one runs."""
     items = list(vars(obj).items()) if hasattr(obj, "__dict__") else []
     for name, slot in _slots(type(obj)):
         try:
