@@ -298,3 +298,23 @@ def test_check_kernels_refuses_kernels_that_are_not_functions(
         TypeError, match=rf"^{name} must be a function \(your kernel\); got {got}\."
     ):
         check_kernels(forward, backward_fn, dtypes=[np.float32], **args)
+
+
+def test_numerical_gradient_refuses_a_dy_that_only_broadcasts() -> None:
+    x = np.ones((4, 3))
+    with pytest.raises(ValueError, match=r"^f\(x\) has shape \(4, 3\) but dy has shape \(3,\)"):
+        numerical_gradient(lambda v: 2.0 * v, x, np.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("h", "error"),
+    [(0.0, ValueError), (-1e-5, ValueError), (float("nan"), ValueError), ("1e-5", TypeError)],
+)
+def test_numerical_gradient_needs_a_positive_step(h: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"^h must be a"):
+        numerical_gradient(lambda v: v, np.ones(2), np.ones(2), h=h)
+
+
+def test_numerical_gradient_needs_a_function() -> None:
+    with pytest.raises(TypeError, match=r"^f must be a function of x .*; got ndarray\."):
+        numerical_gradient(np.ones(2), np.ones(2), np.ones(2))

@@ -64,10 +64,11 @@ def numerical_gradient(
     x : array_like
         The point to differentiate at. It is copied to float64; the caller's array is unchanged.
     dy : array_like
-        The weights of the outputs (the upstream gradient).
+        The weights of the outputs (the upstream gradient), of f(x)'s shape: a dy that would
+        only broadcast against f(x) is a ValueError.
     h : float, default 1e-5
-        The step. The truncation error is O(h^2) and the rounding error O(eps / h); 1e-5 is
-        near the best trade-off in float64.
+        The step, a finite float > 0. The truncation error is O(h^2) and the rounding error
+        O(eps / h); 1e-5 is near the best trade-off in float64.
 
     Returns
     -------
@@ -80,18 +81,26 @@ def numerical_gradient(
     """
     # C order, so that the flat views below write through to point and grad (for a Fortran
     # or broadcast x, reshape(-1) would be a copy and every difference 0).
+    _validate.gradient_function(f)
+    step = _validate.difference_step(h)
     point = np.array(x, dtype=np.float64, order="C", copy=True)
     weights = np.asarray(dy, dtype=np.float64)
     grad = np.empty_like(point)
     flat, out = point.reshape(-1), grad.reshape(-1)
+
+    def weighted_sum() -> float:
+        value = np.asarray(f(point), dtype=np.float64)
+        _validate.output_weights(value.shape, weights.shape)
+        return float(np.sum(value * weights))
+
     for i in range(flat.size):
         orig = flat[i]
-        flat[i] = orig + h
-        plus = float(np.sum(np.asarray(f(point), dtype=np.float64) * weights))
-        flat[i] = orig - h
-        minus = float(np.sum(np.asarray(f(point), dtype=np.float64) * weights))
+        flat[i] = orig + step
+        plus = weighted_sum()
+        flat[i] = orig - step
+        minus = weighted_sum()
         flat[i] = orig
-        out[i] = (plus - minus) / (2.0 * h)
+        out[i] = (plus - minus) / (2.0 * step)
     return grad
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
 
@@ -11,10 +13,13 @@ __all__ = [
     "case_axis",
     "case_dtype",
     "case_name",
+    "difference_step",
+    "gradient_function",
     "kernel_functions",
     "missing_framework",
     "no_matplotlib",
     "output_name",
+    "output_weights",
     "three_gradients",
 ]
 
@@ -28,6 +33,36 @@ def kernel_functions(**functions: Any) -> None:
                 "Pass the kernel itself, e.g. check_kernels(my_forward, my_backward), not what "
                 "it returns."
             )
+
+
+def gradient_function(f: Any) -> None:
+    """numerical_gradient's f must be callable."""
+    if not callable(f):
+        raise TypeError(
+            f"f must be a function of x (numerical_gradient differentiates sum(f(x) * dy)); "
+            f"got {type(f).__name__}. Pass e.g. lambda x: bn.forward_train(x, gamma, beta)[0]."
+        )
+
+
+def difference_step(h: Any) -> float:
+    """numerical_gradient's step: a finite float > 0."""
+    if isinstance(h, bool) or not isinstance(h, numbers.Real):
+        raise TypeError(f"h must be a float such as 1e-5; got {h!r}.")
+    if not (math.isfinite(float(h)) and float(h) > 0.0):
+        raise ValueError(
+            f"h must be a finite float > 0, the step of the central difference; got {h!r}. "
+            "1e-5 is near the best trade-off in float64."
+        )
+    return float(h)
+
+
+def output_weights(output: tuple[int, ...], weights: tuple[int, ...]) -> None:
+    """dy weights each output of f: the shapes must match (no broadcasting)."""
+    if output != weights:
+        raise ValueError(
+            f"f(x) has shape {output} but dy has shape {weights}: dy weights each output of f "
+            "(the upstream gradient), so it must have f(x)'s shape."
+        )
 
 
 def case_axis(axis: Any) -> int:
