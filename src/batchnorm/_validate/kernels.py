@@ -51,7 +51,8 @@ def float_array(x: Any, name: str = "x") -> NDArray[np.floating[Any]]:
     to the machine's own, which is what NumPy's operations return for it as well."""
     if x is None:
         raise TypeError(f"{name} must be a floating-point array; got None.")
-    no_masked_values(x, name)
+    if type(x) is not np.ndarray:  # a masked array is a subclass
+        no_masked_values(x, name)
     arr = np.asarray(x)
     if arr.dtype not in COMPUTE_DTYPES and arr.dtype.newbyteorder("=") in COMPUTE_DTYPES:
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -134,7 +135,8 @@ def per_channel(
     """Return a per-channel vector as a fresh float64 array of shape (C,), checked."""
     if value is None:
         raise TypeError(f"{name} must be an array of shape ({num_channels},); got None.")
-    no_masked_values(value, name)
+    if type(value) is not np.ndarray:  # a masked array is a subclass
+        no_masked_values(value, name)
     arr = np.asarray(value)
     if arr.dtype.kind not in "iuf":
         raise TypeError(
