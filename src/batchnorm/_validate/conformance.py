@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
 from collections.abc import Container, Iterable, Mapping
 from typing import Any
+
+from batchnorm._validate.kernels import positive_float
 
 __all__ = [
     "audit_names",
@@ -46,14 +46,9 @@ def gradient_function(f: Any) -> None:
 
 def difference_step(h: Any) -> float:
     """numerical_gradient's step: a finite float > 0."""
-    if isinstance(h, bool) or not isinstance(h, numbers.Real):
-        raise TypeError(f"h must be a float such as 1e-5; got {h!r}.")
-    if not (math.isfinite(float(h)) and float(h) > 0.0):
-        raise ValueError(
-            f"h must be a finite float > 0, the step of the central difference; got {h!r}. "
-            "1e-5 is near the best trade-off in float64."
-        )
-    return float(h)
+    return positive_float(
+        h, "h", "the step of the central difference", "1e-5 is near the best trade-off in float64."
+    )
 
 
 def output_weights(output: tuple[int, ...], weights: tuple[int, ...]) -> None:

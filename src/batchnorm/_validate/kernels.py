@@ -28,6 +28,7 @@ __all__ = [
     "parts",
     "parts_lo",
     "per_channel",
+    "positive_float",
     "sums_need_data",
     "training_batch",
     "upstream_gradient",
@@ -118,15 +119,23 @@ def eps_value(eps: Any) -> float:
     """Check that eps is a finite float > 0 and return it as a float."""
     if type(eps) is float and eps > 0.0 and math.isfinite(eps):  # the common case, fast
         return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a positive float such as 1e-5; got {eps!r}.")
-    value = float(eps)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(
-            f"eps must be a finite float > 0 (it keeps 1/sqrt(var + eps) finite); got {eps!r}. "
-            "The usual value is 1e-5 (Keras uses 1e-3)."
-        )
-    return value
+    return positive_float(
+        eps,
+        "eps",
+        "it keeps 1/sqrt(var + eps) finite",
+        "The usual value is 1e-5 (Keras uses 1e-3).",
+    )
+
+
+def positive_float(value: Any, name: str, role: str, advice: str) -> float:
+    """Check that `value` is a finite real > 0 (TypeError if not a real number, ValueError if
+    not finite and positive) and return it as a float; `role` says what it is for."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float such as 1e-5; got {value!r}.")
+    result = float(value)
+    if not (result > 0.0 and math.isfinite(result)):
+        raise ValueError(f"{name} must be a finite float > 0 ({role}); got {value!r}. {advice}")
+    return result
 
 
 def per_channel(
