@@ -215,9 +215,7 @@ class DomainBatchNorm:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write hyperparameters, mode and every domain's state to an ``.npz`` file (no pickle)."""
-        target = Path(path)
-        if target.suffix != ".npz":
-            target = target.with_name(target.name + ".npz")
+        target = _saved.npz_path(path)
         first = self.domains[0]
         entries: dict[str, Any] = {
             "format": np.array(_FORMAT),

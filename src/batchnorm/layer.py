@@ -206,13 +206,16 @@ class BatchNorm:
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
             running = (self.running_mean, self.running_var, self.num_batches_tracked)
-        outputs, parts = [], []
+        outputs: list[NDArray[np.floating[Any]]] = []
+        parts: list[Part] = []
         for piece in pieces:
             y, part = self._normalize(piece, running)
             _validate.finite_statistics(part.cache.mean, part.cache.var)
             if running is not None:
-                # After the exchange every rank of a group joins; before anything is written.
-                _validate.running_buffers(self.running_mean, self.running_var, self.num_features)
+                if not parts:  # once: after the exchange a group's ranks join, before any write
+                    _validate.running_buffers(
+                        self.running_mean, self.running_var, self.num_features
+                    )
                 running = self._advance(running, part.cache)
             outputs.append(y)
             parts.append(part)
